@@ -1,0 +1,5 @@
+import sys
+
+from freeanchor.cli import main
+
+sys.exit(main())

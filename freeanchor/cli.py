@@ -1,0 +1,149 @@
+"""The `freeanchor` command line: parses arguments and dispatches; the work lives elsewhere.
+
+    freeanchor demo [--out DIR]
+    freeanchor train --model freeanchor_r50_fpn_1x_coco --train-ann A.json --train-images DIR ...
+    freeanchor eval --weights W --ann A.json --images DIR [--json]
+    freeanchor predict --weights W SOURCES... [--out DIR] [--save]
+    freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
+    freeanchor convert SRC.pth DST
+    freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
+
+Many GPUs / machines: `torchrun --nproc-per-node 8 -m freeanchor train ...` (see README).
+A user's mistake (bad file, bad record, bad option) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from freeanchor.config import PRESETS
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline demo: generate data, train, evaluate, draw")
+    p.add_argument("--out", default="freeanchor_demo", help="output folder")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: _lazy("freeanchor.demo", "run_demo")(a))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train on COCO-format data (torchrun-aware)")
+    p.add_argument("--config", help="a saved config.json to start from")
+    p.add_argument("--model", default="freeanchor_r50_fpn_1x_coco", choices=sorted(PRESETS))
+    p.add_argument("--train-ann")
+    p.add_argument("--train-images")
+    p.add_argument("--val-ann")
+    p.add_argument("--val-images")
+    p.add_argument("--work-dir", default="work_dirs/run")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--lr", type=float, help="lr for the base batch (16); scaled linearly")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"])
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--pretrained", help="backbone weights: local path, or 'torchvision'")
+    p.add_argument("--weights", help="initialise the whole detector from a checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                   help="override any config field, e.g. --set train.warmup_iters=100")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.engine.train", "run_train")(a))
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="COCO box AP of a checkpoint")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--ann", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", help="folder for results JSON, per-class table and PR curve")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["faster", "pycocotools"], default="faster")
+    p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="detect objects in images")
+    p.add_argument("sources", nargs="+", help="image files, folders or globs")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--weights", help="a checkpoint (ours or MMDetection's)")
+    g.add_argument("--onnx", help="an exported model.onnx (runs on onnxruntime)")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--save", action="store_true", help="also write images with boxes drawn")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export backbone+FPN+head to ONNX")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--out", default="model.onnx")
+    p.add_argument("--with-nms", action="store_true", help="put decoding + NMS in the graph")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
+    p.add_argument("--size", default=None, help="HxW of the example input (default from config)")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.export", "run_export")(a))
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="MMDetection .pth (or ours) -> safetensors + JSON config")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.models.weights", "run_convert")(a))
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="inference fps, train step time and peak memory")
+    p.add_argument("--model", default="freeanchor_r50_fpn_1x_coco", choices=sorted(PRESETS))
+    p.add_argument("--weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--size", default="1333x800", help="WxH of the input")
+    p.add_argument("--train", action="store_true", help="also measure a training step")
+    p.add_argument("--compare", choices=["torchvision"], help="measure a peer in the same run")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
+
+
+def _lazy(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
+                _add_benchmark):  # fmt: skip
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        # Anything raised for a user's input carries a message naming the file and record.
+        print(f"freeanchor {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"freeanchor {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

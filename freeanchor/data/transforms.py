@@ -1,0 +1,105 @@
+"""Preprocessing as MMDetection (spec 3.1, 4.4): keep-ratio resize, normalise, pad to 32.
+
+This is data-pipeline code: the model never resizes. `preprocess` is the test-time pipeline;
+training adds the random flip and optional multi-scale short side on top of the same pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MEAN = (123.675, 116.28, 103.53)  # RGB
+STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ImageMeta:
+    """Geometry of one image through the pipeline (all sizes (H, W))."""
+
+    ori_shape: tuple[int, int]
+    img_shape: tuple[int, int]  # after resize, before padding
+    scale_factor: tuple[float, float]  # (w_scale, h_scale) = new / original
+    flipped: bool = False
+
+
+def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """New (width, height) of a keep-ratio resize to fit `scale` = (long, short) edges.
+
+    MMDetection's rule: factor = min(long / max(w, h), short / min(w, h)), then
+    int(x * factor + 0.5) per side.
+    """
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(width, height), short_edge / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (half-pixel centres, no antialias, like cv2 INTER_LINEAR).
+
+    Args:
+        image: uint8 [3, H, W].
+        size: (new_width, new_height).
+
+    Returns:
+        uint8 [3, new_height, new_width].
+    """
+    new_w, new_h = size
+    if image.shape[-2:] == (new_h, new_w):
+        return image
+    out = F.interpolate(
+        image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False
+    )[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(
+    image: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> Tensor:
+    """uint8 RGB [3, H, W] -> float32 (x - mean) / std."""
+    m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    return (image.float() - m) / s
+
+
+def pad_batch(images: Sequence[Tensor], size_divisor: int = 32) -> Tensor:
+    """Zero-pad (bottom/right) [C, h_i, w_i] images into one [N, C, H, W] batch.
+
+    H and W are the largest h_i, w_i rounded up to a multiple of `size_divisor`.
+    """
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    h = -(-h // size_divisor) * size_divisor
+    w = -(-w // size_divisor) * size_divisor
+    batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return batch
+
+
+def resize_keep_ratio(image: Tensor, scale: tuple[int, int]) -> tuple[Tensor, ImageMeta]:
+    """Keep-ratio resize of a uint8 [3, H, W] image, with the geometry needed to undo it."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    new_w, new_h = rescale_size(w, h, scale)
+    meta = ImageMeta((h, w), (new_h, new_w), (new_w / w, new_h / h))
+    return resize(image, (new_w, new_h)), meta
+
+
+def preprocess(
+    images: Sequence[Tensor],
+    scale: tuple[int, int] = (1333, 800),
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    size_divisor: int = 32,
+) -> tuple[Tensor, list[ImageMeta]]:
+    """Test-time pipeline: uint8 RGB [3, H, W] images -> normalised padded batch + metas."""
+    resized, metas = [], []
+    for image in images:
+        out, meta = resize_keep_ratio(image, scale)
+        resized.append(normalize(out, mean, std))
+        metas.append(meta)
+    return pad_batch(resized, size_divisor), metas
