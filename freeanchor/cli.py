@@ -50,8 +50,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="backbone weights: local path, or 'torchvision'")
     p.add_argument("--weights", help="initialise the whole detector from a checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
-    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
-                   help="override any config field, e.g. --set train.warmup_iters=100")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="A.B=VALUE",
+        help="override any config field, e.g. --set train.warmup_iters=100",
+    )
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.train", "run_train")(a))
 
 

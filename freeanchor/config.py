@@ -75,7 +75,9 @@ class ModelConfig:
             raise ValueError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
 
     def class_names(self) -> list[str]:
-        return list(self.classes) if self.classes else [f"class_{i}" for i in range(self.num_classes)]
+        if self.classes:
+            return list(self.classes)
+        return [f"class_{i}" for i in range(self.num_classes)]
 
 
 @dataclass
