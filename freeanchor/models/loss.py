@@ -40,14 +40,18 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         [..., G, A].
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = (area1[..., :, None] + area2[..., None, :] - overlap).clamp(min=eps)
-    return overlap / union
+    # One contiguous [..., G, A] tensor per step (not [..., G, A, 2] strided views): ~2x faster.
+    a = boxes1.unbind(-1)
+    b = boxes2.unbind(-1)
+    area1 = ((a[2] - a[0]) * (a[3] - a[1]))[..., :, None]
+    area2 = ((b[2] - b[0]) * (b[3] - b[1]))[..., None, :]
+    a = [c.unsqueeze(-1) for c in a]
+    b = [c.unsqueeze(-2) for c in b]
+    w = (torch.min(a[2], b[2]) - torch.max(a[0], b[0])).clamp_(min=0)
+    h = (torch.min(a[3], b[3]) - torch.max(a[1], b[1])).clamp_(min=0)
+    overlap = w.mul_(h)
+    union = (area1 + area2 - overlap).clamp_(min=eps)
+    return overlap.div_(union)
 
 
 class _NegativeBagLoss(torch.autograd.Function):
