@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
 MEAN = (123.675, 116.28, 103.53)  # RGB
 STD = (58.395, 57.12, 57.375)
@@ -57,9 +59,7 @@ def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def normalize(
-    image: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
-) -> Tensor:
+def normalize(image: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
     """uint8 RGB [3, H, W] -> float32 (x - mean) / std."""
     m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=image.device).view(3, 1, 1)
@@ -103,3 +103,28 @@ def preprocess(
         resized.append(normalize(out, mean, std))
         metas.append(meta)
     return pad_batch(resized, size_divisor), metas
+
+
+def resize_boxes(boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Scale xyxy boxes from an image of `size` to `new_size` (both (width, height)) and clip.
+
+    Per axis by w_scale = new_w / w and h_scale = new_h / h (float32), then clipped to the
+    resized image, as MMDetection's Resize with clip_object_border=True.
+
+    Args:
+        boxes: [K, 4] float32 xyxy.
+
+    Returns:
+        [K, 4] float32 xyxy in the resized image.
+    """
+    (w, h), (new_w, new_h) = size, new_size
+    bb = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+    bb = TF.resize(bb, [new_h, new_w])
+    return TF.clamp_bounding_boxes(bb).as_subclass(Tensor)
+
+
+def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Horizontal flip of a [C, H, W] image and [K, 4] xyxy boxes: x1' = W - x2, x2' = W - x1."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    bb = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+    return TF.horizontal_flip(image), TF.horizontal_flip(bb).as_subclass(Tensor)
