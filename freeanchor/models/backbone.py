@@ -1,0 +1,203 @@
+"""Backbones returning C3, C4, C5 (strides 8, 16, 32), built on torchvision's definitions.
+
+ResNet / ResNeXt keep torchvision's module names (`conv1`, `bn1`, `layer1.0.conv1`, ...,
+`downsample.0/1`), which are also MMDetection's, so ImageNet and MMDetection weights load by
+name. torchvision's Bottleneck puts the stride on the 3x3 conv: MMDetection's "pytorch" style.
+
+Freezing follows MMDetection (spec 2.1), not torchvision's FrozenBatchNorm: `frozen_stages=1`
+stops gradients into the stem and `layer1`; `norm_eval` keeps every BatchNorm in eval mode
+(running statistics used, never updated) while the affine weights of the later stages still
+train. MobileNetV2's shared ImageNet weights have BN folded into the convs, so there every BN is
+frozen outright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from freeanchor.config import ModelConfig
+
+# name -> (block, blocks per stage, groups, width_per_group)
+_RESNETS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
+    "resnext101_32x4d": (Bottleneck, [3, 4, 23, 3], 32, 4),
+}
+
+# torchvision's ImageNet weights per backbone name (downloaded only on request).
+_TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "mobilenet_v2": "MobileNet_V2_Weights",
+}
+
+
+def _set_bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class ResNetBackbone(ResNet):
+    """torchvision ResNet/ResNeXt without `avgpool`/`fc`; forward returns [C3, C4, C5].
+
+    Args:
+        name: one of "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d".
+        frozen_stages: 0 = nothing frozen; k >= 1 freezes the stem and layer1..layer_k.
+        norm_eval: keep every BatchNorm in eval mode, also under `.train()`.
+    """
+
+    def __init__(self, name: str, frozen_stages: int = 1, norm_eval: bool = True) -> None:
+        block, layers, groups, width = _RESNETS[name]
+        super().__init__(block, layers, groups=groups, width_per_group=width)
+        del self.avgpool, self.fc
+        self.name = name
+        expansion = block.expansion
+        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self._freeze()
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 1:
+            return []
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4][: self.frozen_stages]
+        return [self.conv1, self.bn1, *stages]
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        super().train(mode)
+        # As MMDetection's ResNet.train: frozen stages and (norm_eval) all BN stay in eval mode.
+        for m in self._frozen_modules():
+            m.eval()
+        if mode and self.norm_eval:
+            _set_bn_eval(self)
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x [N, 3, H, W] -> [C3 [N, c3, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+
+class MobileNetV2Backbone(nn.Module):
+    """torchvision MobileNetV2 `features` (keys `features.*`); returns C3, C4, C5 (32/96/1280 ch).
+
+    Every BatchNorm is frozen (eval mode, no gradient): the offline ImageNet weights carry
+    identity BN statistics with BN folded into the convs. `frozen_stages >= 1` also freezes the
+    stem (features[0], features[1]).
+    """
+
+    out_channels = [32, 96, 1280]
+
+    def __init__(self, frozen_stages: int = 1) -> None:
+        super().__init__()
+        self.name = "mobilenet_v2"
+        self.features = mobilenet_v2().features
+        self.frozen_stages = frozen_stages
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        if frozen_stages >= 1:
+            for p in self.features[:2].parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MobileNetV2Backbone:
+        super().train(mode)
+        _set_bn_eval(self)
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x [N, 3, H, W] -> [C3 (32 ch, stride 8), C4 (96, 16), C5 (1280, 32)]."""
+        c3 = self.features[:7](x)
+        c4 = self.features[7:14](c3)
+        c5 = self.features[14:](c4)
+        return [c3, c4, c5]
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The backbone named by `cfg.backbone`, in train mode with `frozen_stages`/`norm_eval`."""
+    if cfg.backbone == "mobilenet_v2":
+        return MobileNetV2Backbone(cfg.frozen_stages)
+    if cfg.backbone not in _RESNETS:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}")
+    return ResNetBackbone(cfg.backbone, cfg.frozen_stages, cfg.norm_eval)
+
+
+def _torchvision_state_dict(name: str) -> dict[str, Tensor]:
+    import torchvision.models as tvm
+
+    if name not in _TORCHVISION_WEIGHTS:
+        raise ValueError(f"torchvision has no ImageNet weights for backbone {name!r}")
+    weights = getattr(tvm, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
+    return weights.get_state_dict(progress=True)
+
+
+def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> None:
+    """Load ImageNet weights (torchvision key names) into a backbone, strictly.
+
+    Args:
+        path_or_name: a local state_dict file (`torch.load(weights_only=True)`; a
+            `{"state_dict": ...}` wrapper is accepted), an http(s) URL of one (e.g. MMDetection's
+            X-101-32x4d ImageNet weights, downloaded once), or "torchvision" to download
+            torchvision's ImageNet weights for this backbone.
+
+    `fc.*` / `classifier.*` (the ImageNet classifier) are ignored; any other missing,
+    unexpected or mis-shaped key raises ValueError naming it.
+    """
+    if str(path_or_name) == "torchvision":
+        source = f"torchvision ImageNet weights for {backbone.name}"
+        state = _torchvision_state_dict(backbone.name)
+    else:
+        path = Path(path_or_name)
+        if str(path_or_name).startswith(("http://", "https://")):
+            from freeanchor.models.weights import download  # cached in the torch hub dir
+
+            path = download(str(path_or_name))
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: backbone weights file not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: cannot load backbone weights ({first})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    own = backbone.state_dict()
+    # Older ImageNet files lack BN's `num_batches_tracked`; BatchNorm fills it in on load.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = [f"missing key {k!r}" for k in missing[:3]]
+        what += [f"unexpected key {k!r}" for k in unexpected[:3]]
+        total = len(missing) + len(unexpected)
+        raise ValueError(f"{source}: {'; '.join(what)} ({total} mismatched keys in all)")
+    for k, v in own.items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{source}: key {k!r} has shape {tuple(state[k].shape)}, "
+                f"the {backbone.name} backbone needs {tuple(v.shape)}"
+            )
+    backbone.load_state_dict(state, strict=True)
