@@ -2,8 +2,9 @@
 the way MMDetection's FreeAnchorRetinaHead computes it, measured in the same run.
 
 Case (issue 2): CPU, float32, 2 images padded to 800x1216, 80 classes, ~20 gts per image,
-forward + backward. Each implementation runs in its own subprocess so that its peak resident
-memory (ru_maxrss above the RSS with the inputs built) is its own.
+forward + backward. Times are medians of runs interleaved in one process (ours, reference,
+ours, ...), so a busy machine slows both alike; each implementation's peak memory is measured in
+its own subprocess (peak RSS above the RSS with the inputs built).
 
     python benchmarks/loss_speed.py [--repeats 5] [--threads 2] [--gts 20]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -44,34 +44,32 @@ def make_inputs(n: int = 2, h: int = 800, w: int = 1216, classes: int = 80, gts:
     return logits, deltas, anchors, boxes, labels
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident MB now (VmRSS) or at peak (VmHWM). VmHWM belongs to the address space, so
+    unlike ru_maxrss it does not carry the parent's peak over fork + exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def child(impl: str, repeats: int, gts: int) -> dict:
-    logits, deltas, anchors, boxes, labels = make_inputs(gts=gts)
-    ours = FreeAnchorLoss(80, imgs_per_gpu=2)
-    fn = ours if impl == "freeanchor" else mmdet_style_loss
+def run_once(impl: str, inputs) -> tuple[float, list[float]]:
+    logits, deltas, anchors, boxes, labels = inputs
+    fn = FreeAnchorLoss(80, imgs_per_gpu=2) if impl == "freeanchor" else mmdet_style_loss
+    x = logits.clone().requires_grad_()
+    d = deltas.clone().requires_grad_()
+    t0 = time.perf_counter()
+    out = fn(x, d, anchors, boxes, labels)
+    (out["positive_bag_loss"] + out["negative_bag_loss"]).backward()
+    return time.perf_counter() - t0, [float(v.detach()) for v in out.values()]
+
+
+def peak_memory(impl: str, gts: int) -> float:
+    """Child process: MB of peak RSS above the RSS once the inputs exist."""
+    inputs = make_inputs(gts=gts)
     base = rss_mb()
-    times = []
-    for _ in range(repeats + 1):  # the first run is warm-up
-        x = logits.clone().requires_grad_()
-        d = deltas.clone().requires_grad_()
-        t0 = time.perf_counter()
-        out = fn(x, d, anchors, boxes, labels)
-        (out["positive_bag_loss"] + out["negative_bag_loss"]).backward()
-        times.append(time.perf_counter() - t0)
-        del x, d, out
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "impl": impl,
-        "median_s": sorted(times[1:])[len(times[1:]) // 2],
-        "peak_mb": peak - base,
-        "losses": [float(v) for v in fn(logits, deltas, anchors, boxes, labels).values()],
-    }
+    run_once(impl, inputs)
+    return rss_mb("VmHWM") - base
 
 
 def main() -> None:
@@ -83,14 +81,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.repeats, args.gts)))
+        print(json.dumps({"peak_mb": peak_memory(args.child, args.gts)}))
         return
-    results = {}
-    for impl in ("mmdet_style", "freeanchor"):
-        cmd = [sys.executable, __file__, "--child", impl, "--repeats", str(args.repeats),
-               "--threads", str(args.threads), "--gts", str(args.gts)]  # fmt: skip
+    inputs = make_inputs(gts=args.gts)
+    impls = ("mmdet_style", "freeanchor")
+    results = {impl: {"impl": impl, "times": []} for impl in impls}
+    for i in range(args.repeats + 1):  # round 0 is warm-up
+        for impl in impls:
+            seconds, losses = run_once(impl, inputs)
+            if i:
+                results[impl]["times"].append(seconds)
+            results[impl]["losses"] = losses
+    for impl in impls:
+        times = sorted(results[impl]["times"])
+        results[impl]["median_s"] = times[len(times) // 2]
+        cmd = [sys.executable, __file__, "--child", impl, "--threads", str(args.threads),
+               "--gts", str(args.gts)]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
+        results[impl]["peak_mb"] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
     ref, ours = results["mmdet_style"], results["freeanchor"]
     print(f"torch {torch.__version__}, {args.threads} threads, 2 x 800x1216, 80 classes, "
           f"{args.gts} gts/image, forward+backward")  # fmt: skip

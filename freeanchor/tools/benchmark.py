@@ -8,14 +8,13 @@ same run, and the ratios.
 
 End to end = uint8 images -> normalise + pad -> network -> decode + NMS (the images already have
 the benchmark size, so there is no resize). Peak memory: CUDA max_memory_allocated on a GPU;
-on the CPU the growth of the process's peak resident set during that phase.
+on the CPU the peak resident set of the phase above its start (Linux VmHWM).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -42,15 +41,27 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Resident MB now (VmRSS) or the high-water mark (VmHWM) of this process, Linux only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return 0.0
 
 
+def _reset_peak_rss() -> None:
+    # "5" resets VmHWM to the current RSS, so each phase gets its own peak.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 class _Peak:
-    """Peak memory of a phase: CUDA allocator peak, or growth of the process's peak RSS."""
+    """Peak memory of a phase: CUDA allocator peak, or the CPU peak RSS above its start."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -59,6 +70,7 @@ class _Peak:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_peak_rss()
         self.base = _rss_mb()
         self.mb = 0.0
         return self
@@ -68,9 +80,7 @@ class _Peak:
             torch.cuda.synchronize(self.device)
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            self.mb = max(
-                0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.base
-            )
+            self.mb = max(0.0, _rss_mb("VmHWM") - self.base)
 
 
 def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
