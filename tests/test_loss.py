@@ -242,3 +242,20 @@ def test_autocast_inputs_are_computed_in_float32():
 def test_bad_normalize_option():
     with pytest.raises(ValueError, match="normalize"):
         FreeAnchorLoss(3, normalize="batch")
+
+
+def test_global_count_from_outside_sums_over_ranks_even_without_local_gts():
+    # Two "ranks" of 2 images, the second without any gt: with the global gt count passed in,
+    # the per-rank losses add up to the one-batch "global" loss (what DDP's sum of rank
+    # gradients times world size needs).
+    logits, deltas, anchors, boxes, labels = random_batch(8, n=4)
+    for i in (2, 3):
+        boxes[i], labels[i] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    loss = FreeAnchorLoss(5, normalize="global")
+    whole = loss(logits, deltas, anchors, boxes, labels)
+    n = sum(len(b) for b in boxes)
+    parts = [loss(logits[s], deltas[s], anchors, boxes[s], labels[s], num_gts=n)
+             for s in (slice(0, 2), slice(2, 4))]  # fmt: skip
+    for name in whole:
+        summed = parts[0][name] + parts[1][name]
+        assert summed.item() == pytest.approx(whole[name].item(), rel=1e-5)

@@ -89,7 +89,11 @@ class FreeAnchor(nn.Module):
         return self._anchor_cache[key]
 
     def loss(
-        self, images: Tensor, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]
+        self,
+        images: Tensor,
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        num_gts: float | Tensor | None = None,
     ) -> dict[str, Tensor]:
         """FreeAnchor loss of a batch.
 
@@ -97,6 +101,8 @@ class FreeAnchor(nn.Module):
             images: [N, 3, H, W] normalised, padded.
             gt_boxes: per image [K_i, 4] xyxy in input pixels.
             gt_labels: per image [K_i] int64, 0-based.
+            num_gts: with `loss_fn.normalize == "global"`, the gt count to normalise by (e.g.
+                summed over all processes); default this batch's.
 
         Returns:
             {"positive_bag_loss": scalar, "negative_bag_loss": scalar}.
@@ -105,7 +111,7 @@ class FreeAnchor(nn.Module):
         logits, deltas = flatten_head_outputs(cls_scores, bbox_preds, self.cfg.num_classes)
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         anchors = torch.cat(self.anchors(sizes, images.device), dim=0)
-        return self.loss_fn(logits, deltas, anchors, list(gt_boxes), list(gt_labels))
+        return self.loss_fn(logits, deltas, anchors, list(gt_boxes), list(gt_labels), num_gts)
 
     @torch.no_grad()
     def detect(
