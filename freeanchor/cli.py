@@ -30,18 +30,24 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="freeanchor_demo", help="output folder")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: full)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=None, help="training images to generate")
+    p.add_argument("--num-val", type=int, default=None, help="validation images to generate")
     p.set_defaults(func=lambda a: _lazy("freeanchor.demo", "run_demo")(a))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train on COCO-format data (torchrun-aware)")
     p.add_argument("--config", help="a saved config.json to start from")
-    p.add_argument("--model", default="freeanchor_r50_fpn_1x_coco", choices=sorted(PRESETS))
+    p.add_argument(
+        "--model",
+        choices=sorted(PRESETS),
+        help="preset (default freeanchor_r50_fpn_1x_coco; replaces --config's model)",
+    )
     p.add_argument("--train-ann")
     p.add_argument("--train-images")
     p.add_argument("--val-ann")
     p.add_argument("--val-images")
-    p.add_argument("--work-dir", default="work_dirs/run")
+    p.add_argument("--work-dir", help="default: the config's, else work_dirs/run")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float, help="lr for the base batch (16); scaled linearly")
@@ -49,7 +55,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--pretrained", help="backbone weights: local path, or 'torchvision'")
     p.add_argument("--weights", help="initialise the whole detector from a checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from WORK_DIR/last.pt (config: WORK_DIR/config.json + flags)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -69,6 +79,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["faster", "pycocotools"], default="faster")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
 
@@ -84,6 +95,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="also write images with boxes drawn")
+    p.add_argument("--ann", help="COCO JSON whose image ids (matched by file name) to use")
     p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
 
 
@@ -94,6 +106,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--with-nms", action="store_true", help="put decoding + NMS in the graph")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
     p.add_argument("--size", default=None, help="HxW of the example input (default from config)")
+    p.add_argument(
+        "--score-thr",
+        type=float,
+        default=None,
+        help="score threshold inside the --with-nms graph (default from config)",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    p.add_argument(
+        "--exporter",
+        choices=["auto", "dynamo", "torchscript"],
+        default="auto",
+        help="auto: torch.export-based (dynamo), falling back to TorchScript",
+    )
     p.set_defaults(func=lambda a: _lazy("freeanchor.export", "run_export")(a))
 
 

@@ -124,6 +124,7 @@ class TrainConfig:
     deterministic: bool = False
     pretrained: str | None = None  # backbone weights: a local path, or "torchvision" (download)
     log_every: int = 20
+    checkpoint_iters: int = 0  # also write last.pt every N iterations (0 = only per epoch)
 
 
 @dataclass

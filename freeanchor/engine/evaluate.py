@@ -1,0 +1,126 @@
+"""COCO box AP of a model: `evaluate` (used by training too) and the `freeanchor eval` command.
+
+    freeanchor eval --weights work_dirs/run/model_final.safetensors \
+        --ann data/annotations/instances_val2017.json --images data/val2017 --out eval/ --json
+    torchrun --nproc-per-node 8 -m freeanchor eval ...   # each process scores a share
+
+Each process detects on its share of the images (rank r: images r, r + W, ...); rank 0 gathers
+everything and scores it. Inference runs in float32 with the model's test settings (spec 2.6).
+Unreadable images are counted, reported and left out of the scored image set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freeanchor.config import DataConfig
+from freeanchor.engine import dist
+from freeanchor.engine.checkpoint import atomic_write_text
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    evaluator: Any,
+    device: torch.device | str,
+    results_json: str | Path | None = None,
+) -> dict[str, Any]:
+    """Detect on every batch of `loader`, gather from all ranks, score with `evaluator`.
+
+    Args:
+        model: a `FreeAnchor` (not the DDP wrapper); its train/eval mode is restored after.
+        loader: an eval loader (`build_eval_loader`) yielding `Batch`es.
+        evaluator: a `COCOEvaluator` on rank 0 (may be None on the other ranks).
+        results_json: also write the COCO results list there (rank 0).
+
+    Returns:
+        On every rank: the evaluator's metrics (AP, AP50, ..., per_class) plus
+        "images" (scored) and "skipped_images" (unreadable).
+    """
+    was_training = model.training
+    model.eval()
+    detections: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    skipped: list[str] = []
+    try:
+        for batch in loader:
+            skipped += batch.skipped
+            if len(batch) == 0:
+                continue
+            outputs = model.detect(batch.images.to(device), batch.metas, rescale=True)
+            for image_id, det in zip(batch.image_ids, outputs, strict=True):
+                detections.append({"image_id": image_id,
+                                   **{k: v.float().cpu() if k != "labels" else v.cpu()
+                                      for k, v in det.items()}})  # fmt: skip
+                image_ids.append(image_id)
+    finally:
+        model.train(was_training)
+    gathered = dist.all_gather_object((detections, image_ids, skipped))
+    metrics = None
+    if dist.is_main_process():
+        all_dets = [d for part in gathered for d in part[0]]
+        all_ids = sorted({i for part in gathered for i in part[1]})
+        all_skipped = [m for part in gathered for m in part[2]]
+        metrics = evaluator.evaluate(all_dets, img_ids=all_ids)
+        if results_json is not None:
+            evaluator.write_results_json(results_json, all_dets)
+        metrics.update(images=len(all_ids), skipped_images=len(all_skipped))
+        for message in all_skipped:
+            print(f"warning: skipped unreadable image: {message}", flush=True)
+    return dist.broadcast_object(metrics)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}" if value >= 0 else "n/a"  # COCO's -1: no ground truth
+
+
+def run_eval(args) -> int:
+    """`freeanchor eval`: print the 12 COCO numbers and the per-class table; see --help."""
+    from freeanchor.data.coco import load_coco
+    from freeanchor.data.loader import build_eval_loader
+    from freeanchor.eval.coco import METRIC_NAMES, COCOEvaluator
+    from freeanchor.eval.report import per_class_table, plot_pr_curve, write_summary
+    from freeanchor.models.weights import load_model
+
+    info = dist.dist_info()
+    device = dist.resolve_device(args.device, info.local_rank)
+    info = dist.init_distributed(device.type)
+    try:
+        model = load_model(args.weights, device)
+        data = load_coco(args.ann, args.images, train=False)
+        cat_ids = list(getattr(model, "extra", {}).get("cat_ids") or data.cat_ids)
+        if len(cat_ids) != model.cfg.num_classes:
+            raise ValueError(
+                f"{args.weights}: the model has {model.cfg.num_classes} classes but {args.ann} "
+                f"has {len(cat_ids)} categories"
+            )
+        evaluator = COCOEvaluator(args.ann, args.backend, cat_ids) if info.is_main else None
+        loader = build_eval_loader(
+            data.records, model.cfg, DataConfig(workers=args.workers), args.batch_size,
+            info.rank, info.world_size,
+        )  # fmt: skip
+        out = Path(args.out) if args.out else None
+        metrics = evaluate(model, loader, evaluator, device, out / "results.json" if out else None)
+        if not info.is_main:
+            return 0
+        print(data.summary())
+        print(evaluator.summary_text)
+        print(" ".join(f"{k} {_pct(metrics[k])}" for k in METRIC_NAMES))
+        table = per_class_table(metrics["per_class"], metrics.get("per_class_ap50"))
+        print(table)
+        if out is not None:
+            atomic_write_text(out / "per_class.txt", table + "\n")
+            write_summary(out / "metrics.json", metrics, weights=str(args.weights),
+                          ann_file=str(args.ann))  # fmt: skip
+            plot_pr_curve(evaluator.coco_eval, out / "pr_curve.png")
+            print(f"wrote {out / 'results.json'}, {out / 'metrics.json'}, {out / 'pr_curve.png'}")
+        if args.json:
+            print(json.dumps(metrics))  # the last line: one JSON object
+        return 0
+    finally:
+        dist.cleanup()

@@ -1,0 +1,112 @@
+"""`freeanchor train`: resolve the configuration, save it, run the trainer.
+
+The configuration is built in this order, each step overriding the previous one:
+1. `--config FILE` (a saved config.json); with `--resume` and no `--config`, the run's own
+   WORK_DIR/config.json; otherwise the defaults;
+2. `--model PRESET` replaces the model section (default preset: freeanchor_r50_fpn_1x_coco);
+3. the flags (--train-ann, --epochs, --lr, ...);
+4. every `--set section.field=value`, in order (e.g. --set model.input_scale=640,384).
+The number of classes and their names always come from the training annotation file.
+The resolved config is written to WORK_DIR/config.json.
+
+    freeanchor train --model freeanchor_r50_fpn_1x_coco --pretrained torchvision \
+        --train-ann coco/annotations/instances_train2017.json --train-images coco/train2017 \
+        --val-ann coco/annotations/instances_val2017.json --val-images coco/val2017 \
+        --work-dir work_dirs/r50
+    torchrun --nproc-per-node 8 -m freeanchor train ...          # 8 GPUs x 2 images = 16
+    freeanchor train --work-dir work_dirs/r50 --resume            # after a crash or a stop
+    kill -USR1 <pid>                                              # checkpoint now
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from freeanchor.config import Config, apply_override, load_config, preset, to_dict
+from freeanchor.engine import dist
+from freeanchor.engine.checkpoint import atomic_write_text
+
+DEFAULT_MODEL = "freeanchor_r50_fpn_1x_coco"
+DEFAULT_WORK_DIR = "work_dirs/run"
+
+# flag name -> (config section, field)
+_FLAGS = {
+    "train_ann": ("data", "train_ann"),
+    "train_images": ("data", "train_images"),
+    "val_ann": ("data", "val_ann"),
+    "val_images": ("data", "val_images"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "amp": ("train", "amp"),
+    "pretrained": ("train", "pretrained"),
+}
+
+
+def build_config(args) -> Config:
+    """The run's Config from the command line (see the module docstring for the order)."""
+    work_dir = getattr(args, "work_dir", None)
+    own = Path(work_dir or DEFAULT_WORK_DIR) / "config.json"
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.resume and own.is_file():
+        cfg = load_config(own)
+    else:
+        cfg = Config(model=preset(args.model or DEFAULT_MODEL))
+    if args.model and (args.config or args.resume):
+        cfg.model = preset(args.model)
+    for flag, (section, name) in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(cfg, section), name, value)
+    if work_dir:
+        cfg.work_dir = work_dir
+    if getattr(args, "device", None):
+        cfg.device = args.device
+    for assignment in args.set or []:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def save_resolved_config(cfg: Config) -> Path:
+    path = Path(cfg.work_dir) / "config.json"
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")
+    return path
+
+
+def run_train(args) -> int:
+    """Entry point of `freeanchor train` (also under torchrun: one call per process).
+
+    User mistakes (bad files, options) propagate as ValueError / FileNotFoundError, which the
+    CLI prints as one line with exit code 2; a diverged run prints one line, exit code 1.
+    """
+    from freeanchor.engine.trainer import Trainer, TrainingDivergedError
+
+    cfg = build_config(args)
+    if args.resume and not (Path(cfg.work_dir) / "last.pt").is_file():
+        raise FileNotFoundError(f"{Path(cfg.work_dir) / 'last.pt'}: nothing to resume from")
+    try:
+        trainer = Trainer(cfg, resume=args.resume, init_weights=args.weights)
+        if trainer.info.is_main:
+            save_resolved_config(cfg)  # after the trainer set the dataset's classes
+        summary = trainer.fit()
+    except TrainingDivergedError as e:
+        print(f"freeanchor train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+    if dist.dist_info().is_main:
+        best = summary["best_AP"]
+        print(
+            f"done: {summary['iterations']} iterations"
+            + (
+                f", best AP {100 * best:.2f} (epoch {summary['best_epoch']})"
+                if best is not None
+                else ""
+            )
+            + f"; weights: {Path(cfg.work_dir) / 'model_final.safetensors'}",
+            flush=True,
+        )
+    return 0

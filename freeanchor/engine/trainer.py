@@ -1,0 +1,349 @@
+"""The training loop: MMDetection's FreeAnchor 1x recipe (spec 3.2) on one or many processes.
+
+    result = train(cfg)                 # or Trainer(cfg, resume=True).fit()
+
+Per iteration: set the lr (warmup + steps) -> forward + FreeAnchor loss (AMP optional) ->
+skip the step if the loss is not finite -> backward -> clip the gradient norm at 35 -> SGD.
+Per epoch: evaluate every `eval_every` epochs (best.pt keeps the best AP) and checkpoint.
+Launch with torchrun for DDP (see freeanchor/engine/dist.py); rank 0 logs and writes files.
+
+Exact resume: a checkpoint holds the position of the next batch (epoch, batch in epoch),
+the optimizer, schedule, scaler and RNG states; the data of sample i in epoch e depends only
+on (seed, e, i) and the sampler can start mid-epoch, so a resumed run on the CPU with
+`train.deterministic` ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from freeanchor.config import Config, to_dict
+from freeanchor.data.coco import DatasetError, load_coco
+from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader
+from freeanchor.engine import dist
+from freeanchor.engine.checkpoint import (
+    CheckpointManager,
+    CheckpointSignals,
+    Position,
+    ignore_stop_signals,
+    load_matching_weights,
+    restore_training_state,
+    training_state,
+)
+from freeanchor.engine.evaluate import evaluate
+from freeanchor.engine.logging import TrainLogger, plot_curves
+from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from freeanchor.models.backbone import load_pretrained_backbone
+from freeanchor.models.detector import FreeAnchor
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive non-finite losses; the message says where and what to do."""
+
+
+class _LossForward(nn.Module):
+    """What DDP wraps: its forward is the detector's loss, so DDP's hooks see the pass."""
+
+    def __init__(self, model: FreeAnchor) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor],
+                num_gts: float | None = None):  # fmt: skip
+        return self.model.loss(images, gt_boxes, gt_labels, num_gts)
+
+
+class Trainer:
+    """Builds data, model and optimizer from a `Config`; `fit()` runs the loop."""
+
+    def __init__(self, cfg: Config, resume: bool = False, init_weights: str | None = None):
+        self.cfg, tc = cfg, cfg.train
+        if tc.amp not in AMP_DTYPES:
+            raise ValueError(f"train.amp must be one of {list(AMP_DTYPES)}, got {tc.amp!r}")
+        if not (cfg.data.train_ann and cfg.data.train_images):
+            raise ValueError("no training data: give --train-ann and --train-images")
+        # Process-wide switches; fit() puts them back (tests run many trainers in one process).
+        self._global_flags = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled(),
+                              torch.backends.cudnn.benchmark)  # fmt: skip
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.device = dist.resolve_device(cfg.device, dist.dist_info().local_rank)
+        self.info = dist.init_distributed(self.device.type)
+        self.work_dir = Path(cfg.work_dir)
+        self.ckpt = CheckpointManager(self.work_dir)
+        self.pos = Position()
+        self.losses: list[float] = []  # per iteration of this process's run (NaN = skipped)
+        self.last_metrics: dict[str, Any] | None = None
+        self._saved_at = self._evaluated_at = -1  # iteration of the last save / evaluation
+
+        # Data. The training file decides the classes; the evaluator maps labels to its ids.
+        train_data = load_coco(cfg.data.train_ann, cfg.data.train_images, True, cfg.data.min_size)
+        if not train_data.records:
+            raise DatasetError(f"{cfg.data.train_ann}: no usable training images")
+        self.cat_ids = train_data.label_to_cat_id
+        cfg.model.num_classes, cfg.model.classes = len(self.cat_ids), train_data.class_names
+        rank, world = self.info.rank, self.info.world_size
+        pin = self.device.type == "cuda"
+        self.loader = build_train_loader(train_data.records, cfg.model, cfg.data, tc.batch_size,
+                                         tc.seed, rank, world, pin_memory=pin)  # fmt: skip
+        if self.loader.num_workers and self.loader.worker_init_fn is None:
+            self.loader.worker_init_fn = ignore_stop_signals
+        self.sampler = self.loader.batch_sampler
+        self.iters_per_epoch = self.sampler.num_batches()
+        self.total_iters = tc.epochs * self.iters_per_epoch
+        if tc.max_iters:
+            self.total_iters = min(self.total_iters, tc.max_iters)
+        self.val_loader = self.evaluator = None
+        if cfg.data.val_ann or cfg.data.val_images:
+            self._build_val(cfg)
+
+        # Model, optimizer, schedule. Every rank seeds alike: identical initial weights.
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        model = FreeAnchor(cfg.model)
+        model.loss_fn.normalize, model.loss_fn.imgs_per_gpu = tc.normalize, tc.imgs_per_gpu
+        kept_fresh: list[str] = []
+        if not resume and tc.pretrained:
+            load_pretrained_backbone(model.backbone, tc.pretrained)
+        if not resume and init_weights:
+            kept_fresh = load_matching_weights(model, init_weights)
+        memory_format = torch.channels_last if tc.channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.base_lr = scaled_lr(tc, world)
+        self.optimizer = build_optimizer(self.model, tc, self.base_lr)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
+        if resume:
+            self.pos = restore_training_state(self.ckpt.last, self.model, self.optimizer,
+                                              self.scheduler, self.scaler)  # fmt: skip
+            if self.pos.iter_in_epoch >= self.iters_per_epoch:  # the data shrank meanwhile
+                self.pos.epoch, self.pos.iter_in_epoch = self.pos.epoch + 1, 0
+        self.loss_forward: nn.Module = _LossForward(self.model)
+        if self.info.distributed:  # BN is frozen (norm_eval): no buffers to broadcast
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_forward = DistributedDataParallel(
+                self.loss_forward, device_ids=ids, broadcast_buffers=False
+            )
+
+        self.log = TrainLogger(self.work_dir, self.info.is_main, self.total_iters, tc.log_every)
+        self.log.truncate_after(self.pos.iteration)  # records past the checkpoint are redone
+        self.log.log_info(self.pos.iteration, train_data.summary())
+        self.log.log_info(
+            self.pos.iteration,
+            f"{cfg.model.backbone}, {cfg.model.num_classes} classes, device {self.device}, "
+            f"{world} process(es) x {tc.batch_size} images, lr {self.base_lr:g}, "
+            f"{self.iters_per_epoch} iterations/epoch"
+            + (f"; resumed at iteration {self.pos.iteration}" if resume else ""),
+        )
+        if kept_fresh:
+            self.log.log_info(0, f"{init_weights}: {len(kept_fresh)} tensors do not fit and "
+                                 f"keep their initial values, e.g. {kept_fresh[:3]}")  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.epochs` (or `train.max_iters`); returns a summary dict."""
+        tc, pos = self.cfg.train, self.pos
+        with CheckpointSignals() as signals:
+            try:
+                while pos.epoch < tc.epochs and not self._reached_max_iters():
+                    self.sampler.set_epoch(pos.epoch, start_batch=pos.iter_in_epoch)
+                    self.log.start_epoch(pos.epoch, tc.epochs, self.iters_per_epoch,
+                                         pos.iter_in_epoch)  # fmt: skip
+                    self.model.train()
+                    for batch in self.loader:
+                        self.scheduler.step(pos.iteration, pos.epoch)
+                        self._train_step(batch)
+                        pos.iter_in_epoch += 1
+                        pos.iteration += 1
+                        save, stop = signals.poll(self.device)
+                        every = tc.checkpoint_iters
+                        if stop or save or (every and pos.iteration % every == 0):
+                            self._save()
+                        if stop:
+                            self._stop(stop)
+                        if self._reached_max_iters():
+                            break
+                    self.log.end_epoch()
+                    if pos.iter_in_epoch >= self.iters_per_epoch:
+                        pos.epoch, pos.iter_in_epoch = pos.epoch + 1, 0
+                        self._end_of_epoch()
+                    _, stop = signals.poll(self.device)  # e.g. SIGTERM during evaluation
+                    if stop:
+                        self._save()
+                        self._stop(stop)
+                return self._finish()
+            finally:
+                self.log.close()
+                deterministic, warn_only, benchmark = self._global_flags
+                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                torch.backends.cudnn.benchmark = benchmark
+
+    def _train_step(self, batch: Batch) -> None:
+        """One SGD step on this batch, or a reported skip."""
+        tc, world = self.cfg.train, self.info.world_size
+        n_gt = sum(int(b.shape[0]) for b in batch.gt_boxes)
+        gts_all, empty_any, unreadable = dist.sum_over_ranks(
+            [n_gt, len(batch) == 0, len(batch.skipped)], self.device
+        )
+        self._count_unreadable(batch, int(unreadable))
+        if empty_any:  # every image of some rank's batch was unreadable: nobody steps
+            return self._skip_step("no readable image in the batch", {})
+        batch = batch.to(self.device, non_blocking=True)
+        images = batch.images
+        if tc.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # "global": normalise by the gt count of the whole global batch, and undo DDP's 1/W
+        # gradient averaging, so gradients equal those of one process holding that batch.
+        num_gts = gts_all if tc.normalize == "global" and world > 1 else None
+        amp_dtype = AMP_DTYPES[tc.amp]
+        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = self.loss_forward(images, batch.gt_boxes, batch.gt_labels, num_gts)
+        if num_gts is not None:
+            losses = {k: v * world for k, v in losses.items()}
+        loss = sum(losses.values())
+        # Mean over ranks of each term: what one process with the global batch would report.
+        sums = dist.sum_over_ranks(list(losses.values()), self.device)
+        values = {k: v / world for k, v in zip(losses, sums, strict=True)}
+        values["loss"] = sum(values.values())
+        if not math.isfinite(values["loss"]):  # the same verdict on every rank
+            return self._skip_step("non-finite loss", values)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            return self._skip_step("non-finite gradient", values)
+        self.scaler.step(self.optimizer)  # with fp16, skips by itself on inf/NaN gradients
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos.bad_steps = 0
+        self.losses.append(values["loss"])
+        values.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
+        self.log.log_iter(self.pos.iteration + 1, self.pos.iter_in_epoch + 1, values)
+
+    def _skip_step(self, reason: str, values: dict[str, float]) -> None:
+        pos = self.pos
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.bad_steps += 1
+        pos.skipped_steps += 1
+        self.losses.append(math.nan)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        self.log.log_skip(pos.iteration + 1, f"{reason} ({shown})" if shown else reason, values)
+        if pos.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDivergedError(
+                f"{pos.bad_steps} steps in a row skipped (last: {reason}) at iteration "
+                f"{pos.iteration + 1}; the newest checkpoint is {self.ckpt.last}. Lower the lr "
+                f"(train.lr), check the data, or raise train.max_bad_steps"
+            )
+
+    def _end_of_epoch(self) -> None:
+        """Evaluate when due, then checkpoint (last.pt, epoch_N.pt, best.pt)."""
+        tc, done = self.cfg.train, self.pos.epoch
+        last = done == tc.epochs
+        is_best = False
+        if self.val_loader is not None and (last or (tc.eval_every and done % tc.eval_every == 0)):
+            is_best = self._evaluate(done)
+        if last or is_best or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+            self._save(epoch_done=done, is_best=is_best)
+
+    def _finish(self) -> dict[str, Any]:
+        """Final evaluation and checkpoint (unless the epoch end just did them), weights."""
+        pos = self.pos
+        is_best = False
+        if self.val_loader is not None and self._evaluated_at != pos.iteration:
+            is_best = self._evaluate(round(pos.iteration / self.iters_per_epoch, 3))
+        if self._saved_at != pos.iteration or is_best:
+            self._save(is_best=is_best)
+        if self.info.is_main:
+            from freeanchor.models.weights import save_model
+
+            save_model(self.model, self.work_dir / "model_final.safetensors", self._extra())
+            plot_curves(self.log.jsonl, self.work_dir / "curves.png")
+        dist.barrier()
+        return {
+            "iterations": pos.iteration,
+            "epochs_done": pos.epoch,
+            "losses": list(self.losses),
+            "best_AP": pos.best_metric,
+            "best_epoch": pos.best_epoch,
+            "last_metrics": self.last_metrics,
+            "skipped_steps": pos.skipped_steps,
+            "skipped_images": pos.skipped_images,
+            "work_dir": str(self.work_dir),
+        }
+
+    # ------------------------------------------------------------------ pieces
+    def _evaluate(self, epoch_done: float) -> bool:
+        """Validation AP after `epoch_done` epochs; True if it is the best so far."""
+        metrics = evaluate(self.model, self.val_loader, self.evaluator, self.device)
+        self.last_metrics, self._evaluated_at = metrics, self.pos.iteration
+        self.log.log_eval(epoch_done, self.pos.iteration, metrics)
+        ap = float(metrics["AP"])
+        if self.pos.best_metric is None or ap > self.pos.best_metric:
+            self.pos.best_metric, self.pos.best_epoch = ap, epoch_done
+            return True
+        return False
+
+    def _save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
+        if self.info.is_main:
+            state = training_state(self.model, self.optimizer, self.scheduler, self.scaler,
+                                   self.pos, to_dict(self.cfg), self._extra())  # fmt: skip
+            self.ckpt.save(state, epoch_done=epoch_done, is_best=is_best)
+        self._saved_at = self.pos.iteration
+
+    def _build_val(self, cfg: Config) -> None:
+        from freeanchor.eval.coco import COCOEvaluator
+
+        if not (cfg.data.val_ann and cfg.data.val_images):
+            raise ValueError("validation needs both --val-ann and --val-images")
+        val = load_coco(cfg.data.val_ann, cfg.data.val_images, False, cfg.data.min_size)
+        self.val_loader = build_eval_loader(val.records, cfg.model, cfg.data,
+                                            cfg.train.batch_size, self.info.rank,
+                                            self.info.world_size)  # fmt: skip
+        if self.info.is_main:  # only rank 0 scores the gathered detections
+            self.evaluator = COCOEvaluator(cfg.data.val_ann, label_to_cat_id=self.cat_ids)
+
+    def _count_unreadable(self, batch: Batch, n: int) -> None:
+        """Count (over all ranks) and report images the loader could not read."""
+        if not n:
+            return
+        self.pos.skipped_images += n
+        for message in batch.skipped:
+            self.log.print(f"warning: skipped unreadable image: {message}")
+        limit = self.cfg.data.max_bad_images
+        if self.pos.skipped_images > limit:
+            last = batch.skipped[-1] if batch.skipped else "on another rank"
+            raise DatasetError(f"{self.pos.skipped_images} unreadable training images (more "
+                               f"than data.max_bad_images={limit}); last: {last}")  # fmt: skip
+
+    def _stop(self, signum: int) -> None:
+        self.log.print(f"signal {signum}: checkpoint written to {self.ckpt.last}; stopping")
+        dist.barrier()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def _reached_max_iters(self) -> bool:
+        return bool(self.cfg.train.max_iters) and self.pos.iteration >= self.cfg.train.max_iters
+
+    def _extra(self) -> dict[str, Any]:
+        return {"cat_ids": list(self.cat_ids)}
+
+
+def train(cfg: Config, resume: bool = False, init_weights: str | None = None) -> dict[str, Any]:
+    """Build a `Trainer` for `cfg` and run it (see the module docstring)."""
+    return Trainer(cfg, resume=resume, init_weights=init_weights).fit()
