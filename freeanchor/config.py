@@ -276,7 +276,10 @@ def apply_override(cfg: Config, assignment: str) -> None:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    """Write the config as JSON, atomically."""
+    from freeanchor.files import write_json
+
+    write_json(path, to_dict(cfg))
 
 
 def load_config(path: str | Path) -> Config:

@@ -100,10 +100,10 @@ def _ap_table(metrics: dict[str, Any]) -> str:
 def run_demo(args) -> int:
     """Generate, train, evaluate, draw; print the figures and a final JSON line."""
     from freeanchor.data.synthetic import make_dataset
-    from freeanchor.engine.checkpoint import atomic_write_text
     from freeanchor.engine.logging import plot_curves
     from freeanchor.engine.trainer import train
     from freeanchor.eval.report import write_summary
+    from freeanchor.files import write_text
 
     start = time.time()
     out = Path(args.out)
@@ -130,7 +130,7 @@ def run_demo(args) -> int:
     if metrics is None:
         raise RuntimeError("the trainer returned no validation metrics")
     table = _ap_table(metrics)
-    atomic_write_text(out / "ap_table.txt", table + "\n")
+    write_text(out / "ap_table.txt", table + "\n")
     work = Path(summary["work_dir"])
     curves = plot_curves(work / "metrics.jsonl", out / "curves.png")
     val_images = sorted(data.val_images.iterdir())[:NUM_DRAWN]

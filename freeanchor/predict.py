@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from torch import Tensor
 from freeanchor.config import COCO_CLASSES, ModelConfig
 from freeanchor.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
 from freeanchor.data.transforms import ImageMeta, normalize, preprocess, rescale_size, resize
+from freeanchor.files import JsonArrayWriter, write_json
 
 # COCO's 80 category ids (1..90 with gaps), label i <-> COCO_CAT_IDS[i].
 COCO_CAT_IDS: tuple[int, ...] = tuple(
@@ -219,42 +218,6 @@ def _device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------- output
 
 
-class JsonArrayWriter:
-    """Appends objects to a JSON array file; the file appears (renamed) only on `close()`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        self.file = os.fdopen(fd, "w", encoding="utf-8")
-        self.file.write("[")
-        self.count = 0
-
-    def write(self, obj: dict[str, Any]) -> None:
-        self.file.write(("\n" if self.count == 0 else ",\n") + json.dumps(obj))
-        self.count += 1
-
-    def close(self) -> None:
-        self.file.write("\n]\n")
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _gt_image_ids(ann: str) -> dict[str, int]:
     """file_name (and its base name) -> image id, from a COCO annotation file."""
     try:
@@ -366,7 +329,8 @@ def run_predict(args) -> int:
         bar.close()
 
     categories = [{"id": c, "name": n} for c, n in zip(cat_ids, names)]
-    _write_json(out / "images.json", {"images": index, "categories": categories, "unreadable": bad})
+    index_doc = {"images": index, "categories": categories, "unreadable": bad}
+    write_json(out / "images.json", index_doc, indent=1)
     if not index:
         raise ValueError(f"none of the {len(paths)} images could be read (reasons above)")
     print(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from freeanchor.files import write_bytes
 
 _SUFFIX_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".webp": "WEBP"}
 
@@ -94,16 +95,7 @@ class Results:
         array = self.plot().permute(1, 2, 0).numpy()
         buf = io.BytesIO()
         Image.fromarray(array).save(buf, format=fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_bytes(path, buf.getvalue())
 
     def __repr__(self) -> str:
         where = self.path if self.path else "tensor"

@@ -285,6 +285,18 @@ def _loader(
     )
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now.
+
+    Training workers ignore SIGTERM (see `ignore_stop_signals`), so the interpreter's exit,
+    which terminates daemon processes with SIGTERM, could otherwise wait on them forever.
+    """
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps persistent workers here
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
 def build_train_loader(
     records: Sequence[ImageRecord],
     cfg: ModelConfig,

@@ -18,15 +18,14 @@ the same arguments give byte-identical PNGs and JSON. Drawing is Pillow + numpy 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from freeanchor.files import write_json
 
 CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "cross", "ring")
 CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -262,17 +261,6 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_split(
     folder: Path, split: str, num: int, size: tuple[int, int], seed: int, level: Difficulty
 ) -> Path:
@@ -311,7 +299,7 @@ def _write_split(
         ],
     }
     ann = folder / "annotations.json"
-    _atomic_write(ann, (json.dumps(doc) + "\n").encode())
+    write_json(ann, doc, indent=None)
     return ann
 
 

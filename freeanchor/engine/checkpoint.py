@@ -16,11 +16,9 @@ folder, then os.replace, so a crash (even kill -9) leaves either the old or the 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from freeanchor.engine import dist
+from freeanchor.files import atomic_path
 
 FORMAT = "freeanchor-train"
 VERSION = 1
@@ -39,29 +38,15 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing pieces or is not ours; the message names the file."""
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file beside `path`, then rename over it."""
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    _atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

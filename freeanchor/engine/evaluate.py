@@ -19,7 +19,7 @@ import torch
 
 from freeanchor.config import DataConfig
 from freeanchor.engine import dist
-from freeanchor.engine.checkpoint import atomic_write_text
+from freeanchor.files import write_text
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def run_eval(args) -> int:
         table = per_class_table(metrics["per_class"], metrics.get("per_class_ap50"))
         print(table)
         if out is not None:
-            atomic_write_text(out / "per_class.txt", table + "\n")
+            write_text(out / "per_class.txt", table + "\n")
             write_summary(out / "metrics.json", metrics, weights=str(args.weights),
                           ann_file=str(args.ann))  # fmt: skip
             plot_pr_curve(evaluator.coco_eval, out / "pr_curve.png")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from freeanchor.files import atomic_path, write_text
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -98,9 +99,7 @@ class TrainLogger:
         if not self.enabled or not self.jsonl.is_file():
             return
         kept = [r for r in read_jsonl(self.jsonl) if int(r.get("iter", 0)) <= iteration]
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.jsonl)
+        write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ events
     def start_epoch(self, epoch: int, epochs: int, iters: int, start: int = 0) -> None:
@@ -216,9 +215,7 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
     if val:
         ax_ap.legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return Path(out_png)

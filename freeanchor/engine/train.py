@@ -20,13 +20,11 @@ The resolved config is written to WORK_DIR/config.json.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from freeanchor.config import Config, apply_override, load_config, preset, to_dict
+from freeanchor.config import Config, apply_override, load_config, preset, save_config
 from freeanchor.engine import dist
-from freeanchor.engine.checkpoint import atomic_write_text
 
 DEFAULT_MODEL = "freeanchor_r50_fpn_1x_coco"
 DEFAULT_WORK_DIR = "work_dirs/run"
@@ -72,7 +70,7 @@ def build_config(args) -> Config:
 
 def save_resolved_config(cfg: Config) -> Path:
     path = Path(cfg.work_dir) / "config.json"
-    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")
+    save_config(cfg, path)
     return path
 
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from freeanchor.config import Config, to_dict
 from freeanchor.data.coco import DatasetError, load_coco
-from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader
+from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader, stop_workers
 from freeanchor.engine import dist
 from freeanchor.engine.checkpoint import (
     CheckpointManager,
@@ -187,6 +187,9 @@ class Trainer:
                         self._stop(stop)
                 return self._finish()
             finally:
+                for loader in (self.loader, self.val_loader):
+                    if loader is not None:
+                        stop_workers(loader)
                 self.log.close()
                 deterministic, warn_only, benchmark = self._global_flags
                 torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

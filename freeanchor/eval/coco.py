@@ -14,14 +14,14 @@ import contextlib
 import copy
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from freeanchor.files import write_json
 
 METRIC_NAMES = (
     "AP",
@@ -87,20 +87,6 @@ def to_coco_results(
                 }
             )
     return out
-
-
-def _atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _load_gt_dict(ann: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -172,7 +158,7 @@ class COCOEvaluator:
 
     def write_results_json(self, path: str | Path, detections: Sequence[dict[str, Any]]) -> Path:
         """Write the COCO results list as JSON (atomically)."""
-        return _atomic_write_text(path, json.dumps(self.to_coco_results(detections)))
+        return write_json(path, self.to_coco_results(detections), indent=None)
 
     def _load_results(self, results: list[dict[str, Any]]) -> Any:
         if results or self.backend == "faster":

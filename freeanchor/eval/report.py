@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from freeanchor.files import atomic_path, write_json
 
 
 def per_class_table(
@@ -94,13 +93,10 @@ def plot_pr_curve(coco_eval: Any, path: str | Path) -> Path:
     ax.set_title("COCO box precision-recall (class mean)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _json_safe(x: Any) -> Any:
@@ -117,15 +113,5 @@ def _json_safe(x: Any) -> Any:
 
 def write_summary(path: str | Path, metrics: Mapping[str, Any], **extra: Any) -> Path:
     """Write metrics (+ extra fields, e.g. weights, ann_file) as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe({**metrics, **extra}), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write_json(path, _json_safe({**metrics, **extra}))
     return path

@@ -18,7 +18,6 @@ and the file. `torch.load` always runs with `weights_only=True`.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import struct
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from freeanchor.config import COCO_CLASSES, ModelConfig, from_dict, preset, to_dict
+from freeanchor.files import atomic_path
 from freeanchor.models.detector import FreeAnchor
 
 FORMAT = "freeanchor"
@@ -114,13 +114,8 @@ def save_model(model: FreeAnchor, path: str | Path, extra: dict[str, Any] | None
         "config": json.dumps(to_dict(model.cfg)),
         "extra": extra_json,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

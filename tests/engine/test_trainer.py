@@ -14,7 +14,7 @@ from freeanchor.engine.logging import read_jsonl
 from freeanchor.engine.trainer import Trainer, TrainingDivergedError, train
 from freeanchor.models.detector import FreeAnchor
 
-from .conftest import make_coco, small_config
+from .conftest import REPO, make_coco, small_config
 
 
 def _weights(work_dir):
@@ -204,3 +204,30 @@ def test_init_weights_from_a_model_with_other_classes(tmp_path, tiny_coco):
     assert torch.equal(got["fpn.fpn_convs.0.weight"], src["fpn.fpn_convs.0.weight"])
     cls = "head.retina_cls.weight"
     assert got[cls].shape[0] == 9 * 2 and not torch.equal(got[cls][:18], src[cls][:18])
+
+
+def test_a_script_holding_the_trainer_exits_with_workers(tmp_path):
+    # Workers ignore SIGTERM; at interpreter exit a still-referenced trainer's persistent
+    # workers must already be stopped, or multiprocessing's exit hook waits on them forever.
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+
+    ann, img = make_coco(tmp_path / "data", num_images=4)
+    script = (
+        "import sys\n"
+        "from tests.engine.conftest import small_config\n"
+        "from freeanchor.engine.trainer import Trainer\n"
+        "from pathlib import Path\n"
+        "cfg = small_config(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), max_iters=2)\n"
+        "cfg.data.workers = 1\n"
+        "trainer = Trainer(cfg)\n"
+        "trainer.fit()\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(ann), str(img), str(tmp_path / "w")],
+        env=cli_env(), cwd=str(REPO), timeout=180, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "w" / "model_final.safetensors").is_file()
