@@ -105,6 +105,7 @@ class TrainConfig:
     lr: float = 0.01
     base_batch_size: int = 16  # linear scaling rule: lr * global_batch / base_batch_size
     scale_lr: bool = True
+    optimizer: str = "sgd"  # sgd (the recipe) | adamw (faster from scratch; lr ~1e-3)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500

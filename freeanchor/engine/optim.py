@@ -29,16 +29,22 @@ def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr * global_batch / cfg.base_batch_size
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, base_lr: float) -> torch.optim.SGD:
-    """SGD over every trainable parameter, one group, weight decay on all of them.
+def build_optimizer(model: nn.Module, cfg: TrainConfig, base_lr: float) -> torch.optim.Optimizer:
+    """SGD (the recipe) or AdamW over every trainable parameter, one group.
 
     MMDetection's FreeAnchor configs have no paramwise settings: biases and norm affine
     parameters get the same lr and weight decay as the weights. Frozen parameters
     (requires_grad False: the stem and layer1, frozen BN) are not handed to the optimizer.
+    AdamW is for training from scratch in few iterations (the offline demo), where SGD is slow
+    to start.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     return torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -49,6 +49,15 @@ def test_optimizer_hyperparameters_and_params():
     assert any(p is model[1].bias for p in group["params"])
 
 
+def test_adamw_option_and_unknown_optimizer():
+    model = nn.Sequential(nn.Linear(3, 4))
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05), 1e-3)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="train.optimizer"):
+        build_optimizer(model, TrainConfig(optimizer="lamb"), 1e-3)
+
+
 def test_linear_scaling_rule():
     cfg = TrainConfig(lr=0.01, batch_size=2, base_batch_size=16)
     assert scaled_lr(cfg, world_size=8) == pytest.approx(0.01)  # 8 x 2 = the reference
