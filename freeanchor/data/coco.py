@@ -98,7 +98,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """The JSON of a COCO annotation file, checked for the three top-level lists."""
     if not path.is_file():
         raise DatasetError(f"{path}: annotation file not found")
     try:
@@ -212,7 +213,7 @@ def load_coco(
         DatasetError: unreadable or malformed annotation file, or missing image folder.
     """
     path, image_dir = Path(ann_file), Path(image_dir)
-    data = _read_json(path)
+    data = read_coco_json(path)
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: image folder not found (for {path})")
     cat_ids, class_names = _categories(path, data["categories"])

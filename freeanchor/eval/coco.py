@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from freeanchor.data.coco import read_coco_json
 from freeanchor.files import write_json
 
 METRIC_NAMES = (
@@ -95,17 +95,7 @@ def _load_gt_dict(ann: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str
     path = Path(ann)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: missing top-level list {key!r}")
-    return data, str(path)
+    return read_coco_json(path), str(path)
 
 
 class COCOEvaluator:
