@@ -92,10 +92,9 @@ def _draw_detections(weights: Path, images: list[Path], out_dir: Path) -> list[P
 
 
 def _ap_table(metrics: dict[str, Any]) -> str:
-    from freeanchor.eval.coco import METRIC_NAMES
-    from freeanchor.eval.report import per_class_table
+    from freeanchor.eval.report import metrics_line, per_class_table
 
-    lines = [" ".join(f"{k} {100 * metrics[k]:.2f}" for k in METRIC_NAMES if k in metrics)]
+    lines = [metrics_line(metrics)]
     if metrics.get("per_class"):
         lines.append(per_class_table(metrics["per_class"], metrics.get("per_class_ap50")))
     return "\n".join(lines)

@@ -22,7 +22,6 @@ and skipped. With --onnx the exported graph runs on onnxruntime and the same pre
 from __future__ import annotations
 
 import glob
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,8 +31,10 @@ import torch
 from torch import Tensor
 
 from freeanchor.config import COCO_CLASSES, ModelConfig
+from freeanchor.data.coco import read_coco_json
 from freeanchor.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
 from freeanchor.data.transforms import ImageMeta, normalize, preprocess, rescale_size, resize
+from freeanchor.engine.dist import resolve_device
 from freeanchor.files import JsonArrayWriter, write_json
 
 # COCO's 80 category ids (1..90 with gaps), label i <-> COCO_CAT_IDS[i].
@@ -95,7 +96,7 @@ class TorchBackend:
     def __init__(self, weights: str, device: str) -> None:
         from freeanchor.models.weights import load_model
 
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = load_model(weights, self.device).eval()
         self.cfg, self.extra = self.model.cfg, dict(self.model.extra)
         self.batch_limit = None
@@ -125,11 +126,8 @@ class OnnxBackend:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: ONNX model not found")
         providers = ["CPUExecutionProvider"]
-        if (
-            _device(device).type == "cuda"
-            and "CUDAExecutionProvider" in ort.get_available_providers()
-        ):
-            providers.insert(0, "CUDAExecutionProvider")
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")  # onnxruntime knows if it has a GPU
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
@@ -209,30 +207,19 @@ def _nms_graph_result(
     }
 
 
-def _device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------- output
 
 
 def _gt_image_ids(ann: str) -> dict[str, int]:
     """file_name (and its base name) -> image id, from a COCO annotation file."""
+    images = read_coco_json(Path(ann))["images"]  # errors name the file and the problem
+    out: dict[str, int] = {}
     try:
-        with open(ann, encoding="utf-8") as f:
-            images = json.load(f)["images"]
-        out: dict[str, int] = {}
         for im in images:
             out[str(im["file_name"])] = int(im["id"])
             out.setdefault(Path(str(im["file_name"])).name, int(im["id"]))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{ann}: annotation file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(
-            f"{ann}: not a COCO annotation file with images/id/file_name ({e})"
-        ) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{ann}: images need an id and a file_name ({e!r})") from None
     return out
 
 

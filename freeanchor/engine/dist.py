@@ -154,8 +154,6 @@ def sum_over_ranks(values: Sequence[float | torch.Tensor], device: torch.device)
 
     `device` must suit the backend (the GPU for NCCL).
     """
-    if not is_initialized():
-        return [float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in values]
     t = torch.stack(
         [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
     )

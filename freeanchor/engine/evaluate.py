@@ -75,16 +75,12 @@ def evaluate(
     return dist.broadcast_object(metrics)
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}" if value >= 0 else "n/a"  # COCO's -1: no ground truth
-
-
 def run_eval(args) -> int:
     """`freeanchor eval`: print the 12 COCO numbers and the per-class table; see --help."""
     from freeanchor.data.coco import load_coco
     from freeanchor.data.loader import build_eval_loader
-    from freeanchor.eval.coco import METRIC_NAMES, COCOEvaluator
-    from freeanchor.eval.report import per_class_table, plot_pr_curve, write_summary
+    from freeanchor.eval.coco import COCOEvaluator
+    from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
     from freeanchor.models.weights import load_model
 
     info = dist.dist_info()
@@ -110,7 +106,7 @@ def run_eval(args) -> int:
             return 0
         print(data.summary())
         print(evaluator.summary_text)
-        print(" ".join(f"{k} {_pct(metrics[k])}" for k in METRIC_NAMES))
+        print(metrics_line(metrics))
         table = per_class_table(metrics["per_class"], metrics.get("per_class_ap50"))
         print(table)
         if out is not None:

@@ -13,6 +13,16 @@ import numpy as np
 from freeanchor.files import atomic_path, write_json
 
 
+def metrics_line(metrics: Mapping[str, Any]) -> str:
+    """The 12 COCO numbers on one line, in percent ("n/a": COCO's -1, no ground truth)."""
+    from freeanchor.eval.coco import METRIC_NAMES
+
+    def pct(value: float) -> str:
+        return f"{100 * value:.2f}" if value >= 0 else "n/a"
+
+    return " ".join(f"{k} {pct(metrics[k])}" for k in METRIC_NAMES if k in metrics)
+
+
 def per_class_table(
     per_class: Mapping[str, float],
     per_class_ap50: Mapping[str, float] | None = None,
