@@ -7,6 +7,7 @@
     freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
     freeanchor convert SRC.pth DST
     freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
+    freeanchor config [--model M] [--config FILE] [--set A.B=V ...] [--json]
 
 Many GPUs / machines: `torchrun --nproc-per-node 8 -m freeanchor train ...` (see README).
 A user's mistake (bad file, bad record, bad option) ends with one line on stderr and exit code 2.
@@ -146,6 +147,25 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config", help="print the resolved config: each field's value, default, meaning"
+    )
+    p.add_argument(
+        "--model", choices=sorted(PRESETS), help="preset (default r50; replaces --config's model)"
+    )
+    p.add_argument("--config", help="a saved config.json to start from")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="A.B=VALUE",
+        help="override a field, as in train",
+    )
+    p.add_argument("--json", action="store_true", help="print the config as JSON (for --config)")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.tools.config_info", "run_config")(a))
+
+
 def _lazy(module: str, name: str):
     import importlib
 
@@ -156,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
-                _add_benchmark):  # fmt: skip
+                _add_benchmark, _add_config):  # fmt: skip
         add(sub)
     return parser
 
