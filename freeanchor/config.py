@@ -77,7 +77,7 @@ class ModelConfig(Section):
     num_classes: int = setting(
         80, "foreground classes, no background", between(1, bounds.MAX_CLASSES)
     )
-    classes: list[str] | None = setting(None, "class names, index = label; none: class_<i>")
+    classes: list[str] | None = setting(None, "num_classes names, index = label; none: class_<i>")
     frozen_stages: int = setting(1, "stem + layer1..k frozen (0, -1: none)", between(-1, 4))
     norm_eval: bool = setting(True, "keep every backbone BatchNorm in eval mode")
     fpn_channels: int = setting(256, "channels of every FPN level", CHANNELS)
