@@ -332,7 +332,9 @@ def resolve_config(
         try:
             apply_override(cfg, assignment, check=False)
         except ConfigError as e:
-            raise ConfigError(f"--set {assignment}: {e}") from None
+            path = assignment.split("=", 1)[0].strip()
+            names_it = str(e).startswith(f"{path}=")  # "train.lr=nan: expected ..."
+            raise ConfigError(f"--set {e}" if names_it else f"--set {assignment}: {e}") from None
     validate(cfg)
     return cfg
 

@@ -241,3 +241,9 @@ def test_good_values_at_the_edges_are_accepted():
         assert _text(list(value) if isinstance(value, tuple) else value) == text or (
             float(text) == value
         )
+
+
+def test_set_errors_name_the_value_once(capsys):
+    assert main(["train", "--set", "model.size_divisor=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "freeanchor train: error: --set model.size_divisor=0: must be 1 to 512"
