@@ -11,7 +11,7 @@ import torch
 from benchmarks.mmdet_style_loss import mmdet_style_loss
 from freeanchor import FreeAnchorLoss
 from freeanchor.models.anchors import AnchorGenerator
-from freeanchor.models.loss import pairwise_iou
+from freeanchor.models.overlaps import pairwise_iou
 from tests.conftest import GOLDEN, need
 
 CASES = ["small", "small_zero_gt", "medium", "medium_all_zero_gt"]

@@ -15,96 +15,26 @@ box deltas, and bag size n = `pre_anchor_topk`:
               (t = bbox_thr; 0 for a gt whose best predicted IoU is <= t; no gradient)
   FL_(p)    = p^gamma * -log(1 - p)
 
-The numbers are MMDetection 3.x's (FreeAnchorRetinaHead); where the reference gives NaN
-(a best IoU exactly equal to t: 0/0) or crashes (a bag probability rounding above 1), this
-module returns the finite value the formula means. It is plug-and-play: any dense detector
-that yields per-anchor class logits and box deltas can use it.
+The numbers are MMDetection 3.x's (FreeAnchorRetinaHead). Where the reference gives NaN (a
+best IoU exactly equal to t: 0/0) or crashes (a bag probability rounding above 1, or NaN
+logits: its binary cross-entropy asserts its input lies in [0, 1]), this module returns what
+the formula means: -log MeanMax is computed in log space, so it is finite for every finite
+input (even when the bag probability underflows) and NaN or inf, never an exception, when a
+logit or delta is NaN or inf. It is plug-and-play: any dense detector that yields per-anchor
+class logits and box deltas can use it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
 from freeanchor.models.box_coder import DeltaXYWHCoder
-
-
-def pairwise_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU as MMDetection computes it (no "+1", union clamped to eps).
-
-    Args:
-        boxes1: [..., G, 4] xyxy.  boxes2: [..., A, 4] xyxy (leading dims broadcast).
-
-    Returns:
-        [..., G, A].
-    """
-    # One contiguous [..., G, A] tensor per step (not [..., G, A, 2] strided views): ~2x faster.
-    a = boxes1.unbind(-1)
-    b = boxes2.unbind(-1)
-    area1 = ((a[2] - a[0]) * (a[3] - a[1]))[..., :, None]
-    area2 = ((b[2] - b[0]) * (b[3] - b[1]))[..., None, :]
-    a = [c.unsqueeze(-1) for c in a]
-    b = [c.unsqueeze(-2) for c in b]
-    w = (torch.min(a[2], b[2]) - torch.max(a[0], b[0])).clamp_(min=0)
-    h = (torch.min(a[3], b[3]) - torch.max(a[1], b[1])).clamp_(min=0)
-    overlap = w.mul_(h)
-    union = (area1 + area2 - overlap).clamp_(min=eps)
-    return overlap.div_(union)
-
-
-class _NegativeBagLoss(torch.autograd.Function):
-    """Per-image sum over anchors and classes of FL_(sigmoid(x) * (1 - box_prob)).
-
-    box_prob is zero for all but a few (anchor, class) pairs, so the dense part only needs
-    FL_(sigmoid(x)) = sigmoid(x)^gamma * softplus(x) (as -log(1 - sigmoid(x)) = softplus(x)),
-    computed with its gradient in one cache-sized sweep; the few pairs with box_prob > 0 are
-    then replaced exactly. This avoids the A x C intermediates autograd would keep alive.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, keys: Tensor, box_prob: Tensor, gamma: float) -> Tensor:
-        n = logits.shape[0]
-        x = logits.detach().reshape(n, -1)
-        sums = x.new_zeros(n)
-        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        # On the CPU, slices that stay in cache make each sweep cheap; a GPU takes it whole.
-        step = x.shape[1] if x.is_cuda else 1 << 16
-        for i in range(n):
-            for s in range(0, x.shape[1], step):
-                xc = x[i, s : s + step]
-                p = torch.sigmoid(xc)
-                nll = F.softplus(xc)  # -log(1 - p), exact even where p rounds to 1
-                pg = p * p if gamma == 2.0 else p.pow(gamma)
-                sums[i] += torch.dot(pg, nll)
-                if grad is not None:
-                    # d/dx [p^g * softplus(x)] = p^g * (g * (1 - p) * softplus(x) + p)
-                    gc = torch.rsub(p, 1.0).mul_(nll).mul_(gamma).add_(p).mul_(pg)
-                    grad[i, s : s + step] = gc
-        if keys.numel():
-            # Exact terms where box_prob > 0: q = p * (1 - box_prob), clamped as MMDetection.
-            xk = x.reshape(-1)[keys]
-            p = torch.sigmoid(xk)
-            q = (p * (1 - box_prob)).clamp(min=1e-12, max=1 - 1e-12)
-            nll_q = -torch.log1p(-q)
-            f_q = q.pow(gamma) * nll_q
-            f_0 = p.pow(gamma) * F.softplus(xk)
-            sums.index_add_(0, keys // x.shape[1], f_q - f_0)
-            if grad is not None:
-                df_dq = gamma * q.pow(gamma - 1) * nll_q + q.pow(gamma) / (1 - q)
-                grad.view(-1)[keys] = df_dq * (1 - box_prob) * p * (1 - p)
-        ctx.grad = grad
-        ctx.shape = logits.shape
-        return sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums: Tensor):
-        grad, ctx.grad = ctx.grad, None  # freed now; a second backward is refused
-        if grad is None:
-            raise RuntimeError("FreeAnchor negative loss: backward called twice")
-        return grad.mul_(grad_sums[:, None]).reshape(ctx.shape), None, None, None
+from freeanchor.models.focal_sweep import focal_sweep
+from freeanchor.models.overlaps import matched_pairs, top_iou_anchors
 
 
 class FreeAnchorLoss(nn.Module):
@@ -152,8 +82,8 @@ class FreeAnchorLoss(nn.Module):
 
     def forward(
         self,
-        cls_logits: Tensor,
-        box_deltas: Tensor,
+        cls_logits: Tensor | Sequence[Tensor],
+        box_deltas: Tensor | Sequence[Tensor],
         anchors: Tensor,
         gt_boxes: list[Tensor],
         gt_labels: list[Tensor],
@@ -161,73 +91,103 @@ class FreeAnchorLoss(nn.Module):
     ) -> dict[str, Tensor]:
         """
         Args:
-            cls_logits: [N, A, C] raw class logits.
-            box_deltas: [N, A, 4] normalised (dx, dy, dw, dh).
-            anchors: [A, 4] xyxy, the same for every image.
+            cls_logits: [N, A, C] raw class logits, or the head's per-level maps
+                [N, 9*C, H_l, W_l] (channel a*C + c, any dense memory layout): these are used
+                in place, which saves flattening 2 x N*A*C floats per step.
+            box_deltas: [N, A, 4] normalised (dx, dy, dw, dh), or per-level [N, 9*4, H_l, W_l].
+            anchors: [A, 4] xyxy, the same for every image, in flattened order (level, y, x,
+                anchor).
             gt_boxes: N tensors [K_i, 4] xyxy in input pixels.
             gt_labels: N tensors [K_i], 0-based.
             num_gts: "global" only: the gt count to normalise by (e.g. summed over all
                 processes); default the count of this batch.
 
         Returns:
-            {"positive_bag_loss": scalar, "negative_bag_loss": scalar}.
+            {"positive_bag_loss": scalar, "negative_bag_loss": scalar}: NaN or inf (never an
+            exception) where a logit or delta is NaN or inf.
         """
-        with torch.autocast(cls_logits.device.type, enabled=False):
-            return self._loss(cls_logits.float(), box_deltas.float(), anchors.float(),
+        levels = [cls_logits] if isinstance(cls_logits, Tensor) else list(cls_logits)
+        if isinstance(box_deltas, Tensor):
+            deltas = box_deltas
+        else:  # the deltas are small (4 per anchor): flattened in anchor order
+            n = box_deltas[0].shape[0]
+            deltas = torch.cat([d.permute(0, 2, 3, 1).reshape(n, -1, 4) for d in box_deltas], 1)
+        with torch.autocast(anchors.device.type, enabled=False):
+            return self._loss([x.float() for x in levels], deltas.float(), anchors.float(),
                               gt_boxes, gt_labels, num_gts)  # fmt: skip
 
-    def _loss(self, logits, deltas, anchors, gt_boxes, gt_labels, num_gts):
-        n_img, n_anchor, n_cls = logits.shape
+    def _loss(self, levels, deltas, anchors, gt_boxes, gt_labels, num_gts):
+        n_img, n_anchor = deltas.shape[:2]
+        n_cls = self.num_classes
         k = min(self.pre_anchor_topk, n_anchor)
-        device = logits.device
-        boxes = pad_sequence([b.float().reshape(-1, 4) for b in gt_boxes], batch_first=True)
-        labels = pad_sequence([lb.long().reshape(-1) for lb in gt_labels], batch_first=True)
-        counts = torch.tensor([len(b) for b in gt_boxes], device=device)
-        boxes, labels = boxes.to(device), labels.to(device)
-        valid = torch.arange(boxes.shape[1], device=device)[None] < counts[:, None]  # [N, G]
-        # Padding slots get a unit box so their (unused) targets stay finite: an inf there
-        # would turn into a NaN gradient through the masked branch.
-        boxes = torch.where(valid[..., None], boxes, boxes.new_tensor([0.0, 0.0, 1.0, 1.0]))
+        device = deltas.device
+        boxes = [b.to(device, torch.float32).reshape(-1, 4) for b in gt_boxes]
+        labels = [lb.to(device, torch.long).reshape(-1) for lb in gt_labels]
+        counts = torch.tensor([len(b) for b in boxes], device=device)
 
-        # Step A (no gradient): P{a_j -> b_i} from the predicted boxes, max over same-class gts.
+        # Steps A and B (no gradient), image by image: no padded gts, no [N, G, A] tensor.
+        keys, box_prob, bag_img, bag_anchor, bag_cls, bag_box = [], [], [], [], [], []
         with torch.no_grad():
-            pred = self.box_coder.decode(anchors[None], deltas.detach())  # [N, A, 4]
-            iou = pairwise_iou(boxes, pred)  # [N, G, A]
-            t = self.bbox_thr
-            best = iou.amax(dim=2, keepdim=True) if iou.shape[1] else iou[..., :1]
-            match = ((iou - t) / (best - t)).clamp_(0, 1)
-            match = torch.where((best > t) & valid[..., None], match, 0)  # no 0/0 when best == t
-            img, gt, anc = match.nonzero(as_tuple=True)
-            keys = (img * n_anchor + anc) * n_cls + labels[img, gt]
-            keys, inverse = keys.unique(return_inverse=True)
-            box_prob = match.new_zeros(len(keys)).scatter_reduce_(
-                0, inverse, match[img, gt, anc], "amax", include_self=False
+            for i, (b, lab) in enumerate(zip(boxes, labels)):
+                if not len(b):
+                    continue
+                # A: P{a_j -> b_i} from the predicted boxes, max over same-class gts.
+                pred = self.box_coder.decode(anchors, deltas[i].detach())
+                gt, anc, iou = matched_pairs(b, pred, self.bbox_thr)
+                best = iou.new_full((len(b),), self.bbox_thr).scatter_reduce_(0, gt, iou, "amax")
+                match = ((iou - self.bbox_thr) / (best[gt] - self.bbox_thr)).clamp_(0, 1)
+                key, inverse = ((i * n_anchor + anc) * n_cls + lab[gt]).unique(return_inverse=True)
+                keys.append(key)
+                box_prob.append(
+                    match.new_zeros(len(key)).scatter_reduce_(
+                        0, inverse, match, "amax", include_self=False
+                    )
+                )
+                # B: the bag of each gt = its k anchors of largest IoU (all anchors count).
+                bag = top_iou_anchors(b, anchors, k)
+                bag_img.append(torch.full_like(bag, i))
+                bag_anchor.append(bag)
+                bag_cls.append(lab[:, None].expand_as(bag))
+                bag_box.append(b)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        keys = torch.cat(keys) if keys else empty
+        box_prob = torch.cat(box_prob) if box_prob else deltas.new_zeros(0)
+        bags = [torch.cat(v) if v else empty.reshape(0, k) for v in (bag_img, bag_anchor, bag_cls)]
+        bag_img, bag_anchor, bag_cls = bags  # [T, k] each, T = all gts of the batch
+
+        # Step D (and the bag logits of step C, so that both terms' gradients land in one
+        # buffer): focal negative term over every anchor and class, per image.
+        img_k, rest = keys // (n_anchor * n_cls), keys % (n_anchor * n_cls)
+        neg_sums, bag_logits = focal_sweep(
+            levels,
+            (img_k, rest // n_cls, rest % n_cls, box_prob),
+            (bag_img.reshape(-1), bag_anchor.reshape(-1), bag_cls.reshape(-1)),
+            self.gamma,
+            n_cls,
+        )
+        neg_per_img = (1 - self.alpha) * neg_sums
+
+        # Step C: positive bag likelihood -log MeanMax(P^cls * P^loc) per gt, in log space.
+        pos_per_img = deltas.new_zeros(n_img)
+        if bag_anchor.numel():
+            gt_box = torch.cat(bag_box)
+            targets = self.box_coder.encode(anchors[bag_anchor], gt_box[:, None, :])  # [T,k,4]
+            diff = (deltas[bag_img, bag_anchor] - targets).abs()
+            smooth_l1 = torch.where(
+                diff < self.beta, 0.5 * diff * diff / self.beta, diff - 0.5 * self.beta
             )
-            del pred, iou, match
-
-            # Step B: the bag of each gt = its k anchors of largest IoU (all anchors count).
-            bags = pairwise_iou(boxes, anchors[None]).topk(k, dim=2, sorted=False).indices
-            rows = bags + (torch.arange(n_img, device=device) * n_anchor)[:, None, None]
-
-        # Step C: positive bag likelihood MeanMax(P^cls * P^loc) per gt.
-        cls_prob = torch.sigmoid(logits.reshape(-1, n_cls)[rows, labels[..., None]])  # [N,G,k]
-        targets = self.box_coder.encode(anchors[bags], boxes[:, :, None, :])  # [N, G, k, 4]
-        diff = (deltas.reshape(-1, 4)[rows] - targets).abs()
-        smooth_l1 = torch.where(
-            diff < self.beta, 0.5 * diff * diff / self.beta, diff - 0.5 * self.beta
-        )
-        loc_prob = torch.exp(-(self.bbox_weight * smooth_l1).sum(-1))
-        x = torch.where(valid[..., None], cls_prob * loc_prob, 0.5)  # padding: any x in (0, 1)
-        weight = 1 / torch.clamp(1 - x, min=1e-12)
-        weight = weight / weight.sum(dim=2, keepdim=True)
-        bag_prob = (weight * x).sum(dim=2).clamp(0, 1)  # float rounding can exceed 1
-        pos = self.alpha * F.binary_cross_entropy(
-            bag_prob, torch.ones_like(bag_prob), reduction="none"
-        )
-        pos_per_img = torch.where(valid, pos, 0).sum(dim=1)
-
-        # Step D: focal negative term over every anchor and class.
-        neg_per_img = (1 - self.alpha) * _NegativeBagLoss.apply(logits, keys, box_prob, self.gamma)
+            log_x = F.logsigmoid(bag_logits.reshape(bag_anchor.shape)) - self.bbox_weight * (
+                smooth_l1.sum(-1)
+            )  # log(P^cls * P^loc), finite for any finite logit
+            x = log_x.exp()
+            weight = 1 / torch.clamp(1 - x, min=1e-12)
+            weight = weight / weight.sum(dim=1, keepdim=True)
+            # -log sum_j w_j x_j = -(m + log sum_j w_j exp(log x_j - m)), m = max_j log x_j:
+            # the sum is >= w_max >= 1/k, so it cannot underflow, and m cancels in the gradient.
+            m = log_x.detach().amax(dim=1, keepdim=True)
+            neg_log_bag = -(m + torch.log((weight * torch.exp(log_x - m)).sum(1, keepdim=True)))
+            pos = self.alpha * neg_log_bag.squeeze(1).clamp(min=0)  # rounding can pass 1
+            pos_per_img = pos_per_img.index_add(0, bag_img[:, 0], pos)
 
         # Step E: normalise by the gt count of each chunk (local) or of the batch (global).
         if self.normalize == "local":
@@ -239,12 +199,13 @@ class FreeAnchorLoss(nn.Module):
         def per_chunk(v: Tensor) -> Tensor:
             return v.new_zeros(n_chunks).index_add_(0, chunk, v)
 
-        n_pos = per_chunk(counts.to(logits.dtype))
+        n_pos = per_chunk(counts.to(deltas.dtype))
         if num_gts is not None and self.normalize == "global":
-            n_pos = torch.as_tensor(num_gts, dtype=logits.dtype, device=device).reshape(1)
-        # No gt in a chunk: keep the regression branch in the graph with a zero loss (as the
-        # reference, so DDP sees a gradient for every parameter).
+            n_pos = torch.as_tensor(num_gts, dtype=deltas.dtype, device=device).reshape(1)
+        # Every delta stays in the graph with a zero weight: so a chunk without gts still
+        # gives the regression branch a (zero) gradient, as the reference does for DDP, and
+        # a NaN or inf delta anywhere makes the loss NaN (it made P{a_j -> b_i} undefined).
         zero = per_chunk(deltas.sum(dim=(1, 2))) * 0
-        positive = torch.where(n_pos > 0, per_chunk(pos_per_img) / n_pos.clamp(min=1), zero)
+        positive = torch.where(n_pos > 0, per_chunk(pos_per_img) / n_pos.clamp(min=1), 0) + zero
         negative = per_chunk(neg_per_img) / (n_pos * self.pre_anchor_topk).clamp(min=1)
         return {"positive_bag_loss": positive.mean(), "negative_bag_loss": negative.mean()}

@@ -1,0 +1,180 @@
+"""FreeAnchor's dense negative term, swept once over the head's logits where they lie.
+
+Per image, sum over anchors j and classes c of FL_(p_jc * (1 - box_prob_jc)), with
+FL_(q) = q^gamma * -log(1 - q) and p = sigmoid(logit). box_prob is zero for all but a few
+(anchor, class) pairs (the "keys"), so the dense part is FL_(p) = p^gamma * softplus(x) (as
+-log(1 - sigmoid(x)) = softplus(x)), computed with its gradient slice by slice so that each
+slice stays in cache and autograd keeps no N x A x C intermediate; the keys are left out of
+the sweep and computed exactly on their own.
+
+The logits are read in place: per-level head maps [N, nb*C, H, W] (channel a*C + c, any dense
+memory layout) or one flattened [N, A, C] tensor; the gradient is written once, in the same
+layout, so nothing of size N x A x C is copied. The same function hands out the logits of the
+positive bags' entries, so the positive term's gradient is added into that one buffer rather
+than into a second dense gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Elements per slice of the CPU sweep: its 4 buffers stay in L2.
+_SLICE = 1 << 16
+
+
+def _flat(x: Tensor) -> Tensor:
+    """The memory of a dense tensor as a 1-D view, in memory order."""
+    return x.as_strided((x.numel(),), (1,))
+
+
+class LogitLayout:
+    """Where logit (image, anchor, class) lies in the memory of each level.
+
+    Args:
+        levels: [N, A, C] (one level, one anchor per "location"), or per-level maps
+            [N, nb*C, H, W] whose flattened anchor order is (level, y, x, a).
+        num_classes: C.
+    """
+
+    def __init__(self, levels: Sequence[Tensor], num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.levels = []  # (first anchor, anchors, nb, W, strides of the [N, nb*C, H, W] view)
+        start = 0
+        for x in levels:
+            v = x.permute(0, 2, 1).unsqueeze(-1) if x.dim() == 3 else x
+            if v.dim() != 4 or v.shape[1] % num_classes:
+                raise ValueError(f"logits of shape {tuple(x.shape)} for {num_classes} classes")
+            nb = v.shape[1] // num_classes
+            count = nb * v.shape[2] * v.shape[3]
+            self.levels.append((start, count, nb, v.shape[3], v.stride()))
+            start += count
+        self.num_anchors = start
+
+    def offsets(self, img: Tensor, anchor: Tensor, cls: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per level: (positions in the given lists, offsets into the level's flat memory)."""
+        out = []
+        for start, count, nb, w, (s0, s1, s2, s3) in self.levels:
+            pos = ((anchor >= start) & (anchor < start + count)).nonzero().squeeze(1)
+            loc, a = (
+                (anchor[pos] - start).div(nb, rounding_mode="floor"),
+                (anchor[pos] - start) % nb,
+            )
+            y, x = loc.div(w, rounding_mode="floor"), loc % w
+            out.append(
+                (pos, img[pos] * s0 + (a * self.num_classes + cls[pos]) * s1 + y * s2 + x * s3)
+            )
+        return out
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x if each image is one block of memory in a dense order (NCHW, NHWC, [N, A, C]), else
+    a contiguous copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+class FocalSweep(torch.autograd.Function):
+    """(negative sums [N], logits at the bag entries [M]) of per-level logits; see the module."""
+
+    @staticmethod
+    def forward(ctx, layout, keys, bags, gamma, *levels):
+        img_k, anc_k, cls_k, box_prob = keys
+        n = levels[0].shape[0]
+        sums = torch.zeros(n, dtype=torch.float64, device=levels[0].device)
+        bag_logits = levels[0].new_empty(len(bags[0]))
+        bag_at = layout.offsets(*bags)
+        grads = []
+        for i, (x, (kpos, koff), (bpos, boff)) in enumerate(
+            zip(levels, layout.offsets(img_k, anc_k, cls_k), bag_at)
+        ):
+            flat = _flat(x)
+            g = torch.empty_like(x) if ctx.needs_input_grad[4 + i] else None
+            koff, order = koff.sort()
+            kpos = kpos[order]
+            _sweep(flat, None if g is None else _flat(g), n, koff, sums, gamma)
+            if len(kpos):
+                _exact_keys(flat, g, koff, img_k[kpos], box_prob[kpos], sums, gamma)
+            bag_logits[bpos] = flat[boff]
+            grads.append(g)
+        ctx.grads, ctx.bag_at = grads, bag_at
+        return sums.to(levels[0].dtype), bag_logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sums: Tensor, grad_bag: Tensor):
+        grads, ctx.grads = ctx.grads, None  # freed now; a second backward is refused
+        if grads is None:
+            raise RuntimeError("FreeAnchor negative loss: backward called twice")
+        for g, (bpos, boff) in zip(grads, ctx.bag_at):
+            if g is None:
+                continue
+            flat = _flat(g)
+            block = flat.numel() // len(grad_sums)
+            for i in range(len(grad_sums)):
+                flat[i * block : (i + 1) * block].mul_(grad_sums[i])
+            flat.index_put_((boff,), grad_bag[bpos], accumulate=True)
+        return (None, None, None, None, *grads)
+
+
+def _sweep(flat: Tensor, gflat: Tensor | None, n: int, koff: Tensor, sums: Tensor, gamma: float):
+    """sums[i] += sum of FL_(p) = p^gamma * softplus(x) over image i's logits but the keys
+    (sorted offsets koff); gflat = its gradient p^gamma * (gamma * (1 - p) * softplus(x) + p).
+
+    softplus(x) = max(x, 0) - log(max(p, 1 - p)): one vectorised log (log1p is not
+    vectorised on the CPU: 10x slower), x - log(p) for x > 0 (so x when p rounds to 1) and
+    -log(1 - p) for x <= 0, the reference's own form.
+    """
+    block = flat.numel() // n
+    step = block if flat.is_cuda else min(block, _SLICE)
+    starts = [s for i in range(n) for s in range(i * block, (i + 1) * block, step)]
+    bounds = torch.searchsorted(koff, koff.new_tensor(starts + [flat.numel()])).tolist()
+    p, q, nll, pg = (flat.new_empty(step) for _ in range(4))  # reused by every slice
+    for j, s in enumerate(starts):
+        e = min(s + step, (s // block + 1) * block)
+        x, m = flat[s:e], e - s
+        p_, q_, nll_, pg_ = p[:m], q[:m], nll[:m], pg[:m]
+        torch.sigmoid(x, out=p_)
+        torch.sigmoid(torch.neg(x, out=q_), out=q_)  # 1 - p, exact where p rounds to 1
+        torch.maximum(p_, q_, out=nll_).log_()
+        torch.sub(torch.clamp(x, min=0, out=pg_), nll_, out=nll_)
+        torch.mul(p_, p_, out=pg_) if gamma == 2.0 else torch.pow(p_, gamma, out=pg_)
+        if bounds[j + 1] > bounds[j]:
+            pg_[koff[bounds[j] : bounds[j + 1]] - s] = 0  # keys: computed exactly below
+        if gflat is not None:
+            torch.addcmul(p_, q_, nll_, value=gamma, out=gflat[s:e]).mul_(pg_)
+        sums[s // block] += pg_.mul_(nll_).sum()  # cascade sum: ~1e-8, a float32 dot ~1e-6
+
+
+def _exact_keys(flat, g, koff, img, box_prob, sums, gamma):
+    """The key terms FL_(q), q = p * (1 - box_prob) (clamped as MMDetection), and their
+    gradient. 1 - q is taken as (1 - p) + p * box_prob where q is large, so it stays exact
+    when p rounds to 1."""
+    x = flat[koff]
+    p, one_minus_p = torch.sigmoid(x), torch.sigmoid(-x)
+    q = (p * (1 - box_prob)).clamp(min=1e-12, max=1 - 1e-12)
+    small = q < 0.5
+    one_minus_q = torch.where(small, 1 - q, one_minus_p + p * box_prob)
+    nll = torch.where(small, -torch.log1p(-q), -torch.log(one_minus_q))
+    sums.index_add_(0, img, (q.pow(gamma) * nll).double())
+    if g is not None:
+        df_dq = gamma * q.pow(gamma - 1) * nll + q.pow(gamma) / one_minus_q
+        _flat(g)[koff] = df_dq * (1 - box_prob) * p * one_minus_p
+
+
+def focal_sweep(
+    levels: Sequence[Tensor], keys: tuple, bags: tuple, gamma: float, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Negative sums [N] and bag logits [M] (see the module).
+
+    Args:
+        levels: logits, [N, A, C] or per-level [N, nb*C, H, W], float.
+        keys: (image, anchor, class, box_prob) of the K unique pairs with box_prob > 0.
+        bags: (image, anchor, class) of the M bag entries.
+    """
+    levels = [_dense(x) for x in levels]
+    layout = LogitLayout(levels, num_classes)
+    return FocalSweep.apply(layout, keys, bags, gamma, *levels)
