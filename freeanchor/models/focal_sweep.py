@@ -58,14 +58,11 @@ class LogitLayout:
         out = []
         for start, count, nb, w, (s0, s1, s2, s3) in self.levels:
             pos = ((anchor >= start) & (anchor < start + count)).nonzero().squeeze(1)
-            loc, a = (
-                (anchor[pos] - start).div(nb, rounding_mode="floor"),
-                (anchor[pos] - start) % nb,
-            )
+            r = anchor[pos] - start  # = (y * W + x) * nb + a
+            loc, a = r.div(nb, rounding_mode="floor"), r % nb
             y, x = loc.div(w, rounding_mode="floor"), loc % w
-            out.append(
-                (pos, img[pos] * s0 + (a * self.num_classes + cls[pos]) * s1 + y * s2 + x * s3)
-            )
+            channel = a * self.num_classes + cls[pos]
+            out.append((pos, img[pos] * s0 + channel * s1 + y * s2 + x * s3))
         return out
 
 
@@ -166,7 +163,12 @@ def _exact_keys(flat, g, koff, img, box_prob, sums, gamma):
 
 
 def focal_sweep(
-    levels: Sequence[Tensor], keys: tuple, bags: tuple, gamma: float, num_classes: int
+    levels: Sequence[Tensor],
+    keys: tuple,
+    bags: tuple,
+    gamma: float,
+    num_classes: int,
+    num_anchors: int,
 ) -> tuple[Tensor, Tensor]:
     """Negative sums [N] and bag logits [M] (see the module).
 
@@ -174,7 +176,13 @@ def focal_sweep(
         levels: logits, [N, A, C] or per-level [N, nb*C, H, W], float.
         keys: (image, anchor, class, box_prob) of the K unique pairs with box_prob > 0.
         bags: (image, anchor, class) of the M bag entries.
+        num_anchors: A, checked against the levels.
     """
     levels = [_dense(x) for x in levels]
     layout = LogitLayout(levels, num_classes)
+    if layout.num_anchors != num_anchors or len({x.shape[0] for x in levels}) != 1:
+        shapes = [tuple(x.shape) for x in levels]
+        raise ValueError(
+            f"logits {shapes} do not hold {num_anchors} anchors x {num_classes} classes"
+        )
     return FocalSweep.apply(layout, keys, bags, gamma, *levels)

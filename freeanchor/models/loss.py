@@ -119,6 +119,11 @@ class FreeAnchorLoss(nn.Module):
     def _loss(self, levels, deltas, anchors, gt_boxes, gt_labels, num_gts):
         n_img, n_anchor = deltas.shape[:2]
         n_cls = self.num_classes
+        if anchors.shape != (n_anchor, 4) or len(gt_boxes) != n_img or len(gt_labels) != n_img:
+            raise ValueError(
+                f"deltas {tuple(deltas.shape)}, anchors {tuple(anchors.shape)} and "
+                f"{len(gt_boxes)} / {len(gt_labels)} gt boxes / labels do not match"
+            )
         k = min(self.pre_anchor_topk, n_anchor)
         device = deltas.device
         boxes = [b.to(device, torch.float32).reshape(-1, 4) for b in gt_boxes]
@@ -164,6 +169,7 @@ class FreeAnchorLoss(nn.Module):
             (bag_img.reshape(-1), bag_anchor.reshape(-1), bag_cls.reshape(-1)),
             self.gamma,
             n_cls,
+            n_anchor,
         )
         neg_per_img = (1 - self.alpha) * neg_sums
 
