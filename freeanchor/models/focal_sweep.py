@@ -17,12 +17,14 @@ than into a second dense gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-# Elements per slice of the CPU sweep: its 4 buffers stay in L2.
-_SLICE = 1 << 16
+# Elements per slice of the CPU sweep: its 4 buffers stay in L2, and ops on fewer than 32768
+# elements (torch's parallel grain) run in the calling thread.
+_SLICE = 32767
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -84,19 +86,20 @@ class FocalSweep(torch.autograd.Function):
         sums = torch.zeros(n, dtype=torch.float64, device=levels[0].device)
         bag_logits = levels[0].new_empty(len(bags[0]))
         bag_at = layout.offsets(*bags)
-        grads = []
+        grads, tasks, exact = [], [], []
         for i, (x, (kpos, koff), (bpos, boff)) in enumerate(
             zip(levels, layout.offsets(img_k, anc_k, cls_k), bag_at)
         ):
-            flat = _flat(x)
             g = torch.empty_like(x) if ctx.needs_input_grad[4 + i] else None
             koff, order = koff.sort()
-            kpos = kpos[order]
-            _sweep(flat, None if g is None else _flat(g), n, koff, sums, gamma)
-            if len(kpos):
-                _exact_keys(flat, g, koff, img_k[kpos], box_prob[kpos], sums, gamma)
-            bag_logits[bpos] = flat[boff]
+            tasks += _slices(_flat(x), None if g is None else _flat(g), n, koff)
+            exact.append((x, g, koff, kpos[order]))
+            bag_logits[bpos] = _flat(x)[boff]
             grads.append(g)
+        _sweep(tasks, sums, gamma)
+        for x, g, koff, kpos in exact:
+            if len(kpos):
+                _exact_keys(_flat(x), g, koff, img_k[kpos], box_prob[kpos], sums, gamma)
         ctx.grads, ctx.bag_at = grads, bag_at
         return sums.to(levels[0].dtype), bag_logits
 
@@ -117,33 +120,64 @@ class FocalSweep(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def _sweep(flat: Tensor, gflat: Tensor | None, n: int, koff: Tensor, sums: Tensor, gamma: float):
-    """sums[i] += sum of FL_(p) = p^gamma * softplus(x) over image i's logits but the keys
-    (sorted offsets koff); gflat = its gradient p^gamma * (gamma * (1 - p) * softplus(x) + p).
+def _slices(flat: Tensor, gflat: Tensor | None, n: int, koff: Tensor) -> list[tuple]:
+    """The sweep's work on one level: (image, logits, gradient, key offsets within) per slice
+    of one image's logits (koff: sorted key offsets in the level)."""
+    block = flat.numel() // n
+    step = block if flat.is_cuda else min(block, _SLICE)
+    starts = [s for i in range(n) for s in range(i * block, (i + 1) * block, step)]
+    ends = [min(s + step, (s // block + 1) * block) for s in starts]
+    bounds = torch.searchsorted(koff, koff.new_tensor(starts + [flat.numel()])).tolist()
+    return [
+        (s // block, flat[s:e], None if gflat is None else gflat[s:e], koff[k0:k1] - s)
+        for s, e, k0, k1 in zip(starts, ends, bounds, bounds[1:])
+    ]
+
+
+def _sweep(tasks: list[tuple], sums: Tensor, gamma: float) -> None:
+    """sums[i] += sum of FL_(p) = p^gamma * softplus(x) over the slices of image i but their
+    keys; each slice's gradient p^gamma * (gamma * (1 - p) * softplus(x) + p).
 
     softplus(x) = max(x, 0) - log(max(p, 1 - p)): one vectorised log (log1p is not
     vectorised on the CPU: 10x slower), x - log(p) for x > 0 (so x when p rounds to 1) and
     -log(1 - p) for x <= 0, the reference's own form.
+
+    On the CPU the slices are below torch's parallel grain, so each op runs in its thread, and
+    torch.get_num_threads() Python threads take the slices (torch ops release the GIL): some
+    5000 tiny OpenMP regions would each wait for a busy core.
     """
-    block = flat.numel() // n
-    step = block if flat.is_cuda else min(block, _SLICE)
-    starts = [s for i in range(n) for s in range(i * block, (i + 1) * block, step)]
-    bounds = torch.searchsorted(koff, koff.new_tensor(starts + [flat.numel()])).tolist()
-    p, q, nll, pg = (flat.new_empty(step) for _ in range(4))  # reused by every slice
-    for j, s in enumerate(starts):
-        e = min(s + step, (s // block + 1) * block)
-        x, m = flat[s:e], e - s
-        p_, q_, nll_, pg_ = p[:m], q[:m], nll[:m], pg[:m]
-        torch.sigmoid(x, out=p_)
-        torch.sigmoid(torch.neg(x, out=q_), out=q_)  # 1 - p, exact where p rounds to 1
-        torch.maximum(p_, q_, out=nll_).log_()
-        torch.sub(torch.clamp(x, min=0, out=pg_), nll_, out=nll_)
-        torch.mul(p_, p_, out=pg_) if gamma == 2.0 else torch.pow(p_, gamma, out=pg_)
-        if bounds[j + 1] > bounds[j]:
-            pg_[koff[bounds[j] : bounds[j + 1]] - s] = 0  # keys: computed exactly below
-        if gflat is not None:
-            torch.addcmul(p_, q_, nll_, value=gamma, out=gflat[s:e]).mul_(pg_)
-        sums[s // block] += pg_.mul_(nll_).sum()  # cascade sum: ~1e-8, a float32 dot ~1e-6
+
+    @torch.no_grad()  # grad mode is per thread: off in the pool's too
+    def run(tasks: list) -> Tensor:
+        part = torch.zeros_like(sums)
+        size = max((len(t[1]) for t in tasks), default=0)
+        p, q, nll, pg = (sums.new_empty(size, dtype=tasks[0][1].dtype) for _ in range(4))
+        for i, x, g, keys in tasks:
+            m = len(x)
+            p_, q_, nll_, pg_ = p[:m], q[:m], nll[:m], pg[:m]  # reused by every slice
+            torch.sigmoid(x, out=p_)
+            torch.sigmoid(torch.neg(x, out=q_), out=q_)  # 1 - p, exact where p rounds to 1
+            torch.maximum(p_, q_, out=nll_).log_()
+            torch.sub(torch.clamp(x, min=0, out=pg_), nll_, out=nll_)
+            torch.mul(p_, p_, out=pg_) if gamma == 2.0 else torch.pow(p_, gamma, out=pg_)
+            if len(keys):
+                pg_[keys] = 0  # keys: computed exactly on their own
+            if g is not None:
+                torch.addcmul(p_, q_, nll_, value=gamma, out=g).mul_(pg_)
+            part[i] += pg_.mul_(nll_).sum()  # cascade sum: ~1e-8, a float32 dot ~1e-6
+        return part
+
+    on_gpu = bool(tasks) and tasks[0][1].is_cuda
+    workers = 1 if on_gpu else max(1, min(torch.get_num_threads(), len(tasks)))
+    if workers == 1:
+        sums += run(tasks) if tasks else 0
+        return
+    groups = [
+        tasks[len(tasks) * w // workers : len(tasks) * (w + 1) // workers] for w in range(workers)
+    ]
+    with ThreadPoolExecutor(workers) as pool:
+        for part in pool.map(run, groups):
+            sums += part
 
 
 def _exact_keys(flat, g, koff, img, box_prob, sums, gamma):
