@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from freeanchor.models.box_coder import DeltaXYWHCoder
 from freeanchor.models.focal_sweep import focal_sweep
@@ -116,6 +117,19 @@ class FreeAnchorLoss(nn.Module):
             return self._loss([x.float() for x in levels], deltas.float(), anchors.float(),
                               gt_boxes, gt_labels, num_gts)  # fmt: skip
 
+    def _box_prob(self, boxes, labels, anchors, deltas) -> tuple[Tensor, Tensor]:
+        """Step A for one image: (keys anchor * C + class, P{a_j in A+}_c) where it is > 0.
+
+        P{a_j -> b_i} is the saturated-linear IoU of b_i with the predicted box of a_j, > 0
+        only where the IoU passes t; its max over the gts of each class is taken."""
+        t = self.bbox_thr
+        gt, anc, iou = matched_pairs(boxes, self.box_coder.decode(anchors, deltas), t)
+        best = iou.new_full((len(boxes),), t).scatter_reduce_(0, gt, iou, "amax")
+        match = ((iou - t) / (best[gt] - t)).clamp_(0, 1)
+        keys, inverse = (anc * self.num_classes + labels[gt]).unique(return_inverse=True)
+        prob = match.new_zeros(len(keys))
+        return keys, prob.scatter_reduce_(0, inverse, match, "amax", include_self=False)
+
     def _loss(self, levels, deltas, anchors, gt_boxes, gt_labels, num_gts):
         n_img, n_anchor = deltas.shape[:2]
         n_cls = self.num_classes
@@ -136,20 +150,13 @@ class FreeAnchorLoss(nn.Module):
             for i, (b, lab) in enumerate(zip(boxes, labels)):
                 if not len(b):
                     continue
-                # A: P{a_j -> b_i} from the predicted boxes, max over same-class gts.
-                pred = self.box_coder.decode(anchors, deltas[i].detach())
-                gt, anc, iou = matched_pairs(b, pred, self.bbox_thr)
-                best = iou.new_full((len(b),), self.bbox_thr).scatter_reduce_(0, gt, iou, "amax")
-                match = ((iou - self.bbox_thr) / (best[gt] - self.bbox_thr)).clamp_(0, 1)
-                key, inverse = ((i * n_anchor + anc) * n_cls + lab[gt]).unique(return_inverse=True)
-                keys.append(key)
-                box_prob.append(
-                    match.new_zeros(len(key)).scatter_reduce_(
-                        0, inverse, match, "amax", include_self=False
-                    )
-                )
+                with record_function("FreeAnchorLoss.A_box_prob"):
+                    key, prob = self._box_prob(b, lab, anchors, deltas[i].detach())
+                keys.append(key + i * n_anchor * n_cls)
+                box_prob.append(prob)
                 # B: the bag of each gt = its k anchors of largest IoU (all anchors count).
-                bag = top_iou_anchors(b, anchors, k)
+                with record_function("FreeAnchorLoss.B_bags"):
+                    bag = top_iou_anchors(b, anchors, k)
                 bag_img.append(torch.full_like(bag, i))
                 bag_anchor.append(bag)
                 bag_cls.append(lab[:, None].expand_as(bag))
@@ -163,14 +170,15 @@ class FreeAnchorLoss(nn.Module):
         # Step D (and the bag logits of step C, so that both terms' gradients land in one
         # buffer): focal negative term over every anchor and class, per image.
         img_k, rest = keys // (n_anchor * n_cls), keys % (n_anchor * n_cls)
-        neg_sums, bag_logits = focal_sweep(
-            levels,
-            (img_k, rest // n_cls, rest % n_cls, box_prob),
-            (bag_img.reshape(-1), bag_anchor.reshape(-1), bag_cls.reshape(-1)),
-            self.gamma,
-            n_cls,
-            n_anchor,
-        )
+        with record_function("FreeAnchorLoss.D_negative"):
+            neg_sums, bag_logits = focal_sweep(
+                levels,
+                (img_k, rest // n_cls, rest % n_cls, box_prob),
+                (bag_img.reshape(-1), bag_anchor.reshape(-1), bag_cls.reshape(-1)),
+                self.gamma,
+                n_cls,
+                n_anchor,
+            )
         neg_per_img = (1 - self.alpha) * neg_sums
 
         # Step C: positive bag likelihood -log MeanMax(P^cls * P^loc) per gt, in log space.
