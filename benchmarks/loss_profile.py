@@ -1,12 +1,14 @@
 """Where FreeAnchorLoss spends its time: torch.profiler over forward + backward on one of
 benchmarks/loss_speed.py's cases, by step (the loss's record_function labels) and by op.
 
-    python benchmarks/loss_profile.py [--case coco_2img] [--threads 2] [--repeats 3] [--flat]
+    python benchmarks/loss_profile.py [--case coco_2img] [--threads 1] [--repeats 3] [--flat]
 
 Steps: A = P{a_j in A+} (predicted-box IoU, matched pairs), B = the bags (top-k IoU with the
 anchors), D = the dense negative term (with the bag logits), C (the positive bag likelihood)
 and E (normalising) are what the forward leaves; FocalSweepBackward scales the gradient.
-Profiling adds overhead: compare the steps with each other, time with loss_speed.py.
+Profiling adds overhead: compare the steps with each other, time with loss_speed.py. With
+more than one thread the profiler misattributes the sweep's pool threads and inflates the
+OpenMP steps, hence the default of 1.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from freeanchor.models.loss import FreeAnchorLoss  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="coco_2img", choices=CASES)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--flat", action="store_true", help="flatten the logits first (detector.py)")
     args = ap.parse_args()
