@@ -1,7 +1,8 @@
 """Preprocessing as MMDetection (spec 3.1, 4.4): keep-ratio resize, normalise, pad to 32.
 
-This is data-pipeline code: the model never resizes. `preprocess` is the test-time pipeline;
-training adds the random flip and optional multi-scale short side on top of the same pieces.
+This is data-pipeline code: the model never resizes. `freeanchor.inference` composes these
+pieces into the test-time pipeline; training adds the random flip and the optional multi-scale
+short side on top of the same pieces (the same resize: OpenCV's bytes, see `resize.py`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+
+from freeanchor.data.resize import resize
+from freeanchor.errors import ImageReadError
+
+__all__ = [
+    "MEAN", "STD", "ImageMeta", "rescale_size", "check_resizable", "resize", "normalize",
+    "pad_batch", "padded_size", "resize_keep_ratio", "resize_boxes", "hflip",
+]  # fmt: skip
 
 MEAN = (123.675, 116.28, 103.53)  # RGB
 STD = (58.395, 57.12, 57.375)
@@ -40,23 +48,19 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (half-pixel centres, no antialias, like cv2 INTER_LINEAR).
+def check_resizable(width: int, height: int, scale: tuple[int, int], name: str = "image") -> None:
+    """Raise `ImageReadError` if a keep-ratio resize to `scale` leaves a side of 0 pixels.
 
-    Args:
-        image: uint8 [3, H, W].
-        size: (new_width, new_height).
-
-    Returns:
-        uint8 [3, new_height, new_width].
+    E.g. a 20000 x 2 image at (1333, 800) would become 1333 x 0.
     """
-    new_w, new_h = size
-    if image.shape[-2:] == (new_h, new_w):
-        return image
-    out = F.interpolate(
-        image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False
-    )[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    if width < 1 or height < 1:
+        raise ImageReadError(f"{name}: {width}x{height} image has no pixels")
+    new_w, new_h = rescale_size(width, height, scale)
+    if new_w < 1 or new_h < 1:
+        raise ImageReadError(
+            f"{name}: {width}x{height} image: its short side rounds to 0 when resized to "
+            f"{new_w}x{new_h} (scale {tuple(scale)}; aspect ratio too extreme)"
+        )
 
 
 def normalize(image: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
@@ -66,43 +70,42 @@ def normalize(image: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] 
     return (image.float() - m) / s
 
 
-def pad_batch(images: Sequence[Tensor], size_divisor: int = 32) -> Tensor:
+def padded_size(height: int, width: int, size_divisor: int = 32) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of `size_divisor`: the network input of one image."""
+    return -(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor
+
+
+def pad_batch(
+    images: Sequence[Tensor], size_divisor: int = 32, size: tuple[int, int] | None = None
+) -> Tensor:
     """Zero-pad (bottom/right) [C, h_i, w_i] images into one [N, C, H, W] batch.
 
-    H and W are the largest h_i, w_i rounded up to a multiple of `size_divisor`.
+    H and W are the largest h_i, w_i rounded up to a multiple of `size_divisor`, or `size`.
     """
-    h = max(int(im.shape[-2]) for im in images)
-    w = max(int(im.shape[-1]) for im in images)
-    h = -(-h // size_divisor) * size_divisor
-    w = -(-w // size_divisor) * size_divisor
+    if size is None:
+        h = max(int(im.shape[-2]) for im in images)
+        w = max(int(im.shape[-1]) for im in images)
+        size = padded_size(h, w, size_divisor)
+    h, w = size
     batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
     for i, im in enumerate(images):
         batch[i, :, : im.shape[-2], : im.shape[-1]] = im
     return batch
 
 
-def resize_keep_ratio(image: Tensor, scale: tuple[int, int]) -> tuple[Tensor, ImageMeta]:
-    """Keep-ratio resize of a uint8 [3, H, W] image, with the geometry needed to undo it."""
+def resize_keep_ratio(
+    image: Tensor, scale: tuple[int, int], name: str = "image"
+) -> tuple[Tensor, ImageMeta]:
+    """Keep-ratio resize of a uint8 [3, H, W] image, with the geometry needed to undo it.
+
+    Raises:
+        ImageReadError: the resize would leave a side of 0 pixels (names `name`).
+    """
     h, w = int(image.shape[-2]), int(image.shape[-1])
+    check_resizable(w, h, scale, name)
     new_w, new_h = rescale_size(w, h, scale)
     meta = ImageMeta((h, w), (new_h, new_w), (new_w / w, new_h / h))
     return resize(image, (new_w, new_h)), meta
-
-
-def preprocess(
-    images: Sequence[Tensor],
-    scale: tuple[int, int] = (1333, 800),
-    mean: Sequence[float] = MEAN,
-    std: Sequence[float] = STD,
-    size_divisor: int = 32,
-) -> tuple[Tensor, list[ImageMeta]]:
-    """Test-time pipeline: uint8 RGB [3, H, W] images -> normalised padded batch + metas."""
-    resized, metas = [], []
-    for image in images:
-        out, meta = resize_keep_ratio(image, scale)
-        resized.append(normalize(out, mean, std))
-        metas.append(meta)
-    return pad_batch(resized, size_divisor), metas
 
 
 def resize_boxes(boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:

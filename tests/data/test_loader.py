@@ -49,19 +49,20 @@ def test_decode_modes(tmp_path):
     assert all(torch.equal(out[c], torch.from_numpy(grey)) for c in range(3))
 
     rgba = np.zeros((6, 8, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[..., 3] = 200, 255
-    rgba[:, 4:, 3] = 0  # right half transparent -> black background
+    rgba[..., 0], rgba[..., 1], rgba[..., 3] = 200, 30, 255
+    rgba[:, 4:, 3] = 0  # right half transparent: OpenCV (so MMDetection) ignores alpha
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
     out = read_image(tmp_path / "rgba.png")
     assert out.shape == (3, 6, 8)
-    assert out[:, 0, 0].tolist() == [200, 0, 0] and out[:, 0, 7].tolist() == [0, 0, 0]
+    assert out[:, 0, 0].tolist() == [200, 30, 0] and out[:, 0, 7].tolist() == [200, 30, 0]
 
     deep = (np.arange(5 * 7, dtype=np.uint16).reshape(5, 7) * 1000).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep16.png")
     assert Image.open(tmp_path / "deep16.png").mode.startswith("I")
     out = read_image(tmp_path / "deep16.png")
     assert out.shape == (3, 5, 7)
-    assert out[0, 0, 0] == 0 and out[0, -1, -1] == 255  # range stretched to 8 bits
+    # OpenCV's IMREAD_COLOR keeps the high byte of each 16-bit sample
+    assert torch.equal(out[0], torch.from_numpy((deep >> 8).astype(np.uint8)))
 
     Image.new("CMYK", (9, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
     out = read_image(tmp_path / "cmyk.jpg")
