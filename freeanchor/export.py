@@ -7,12 +7,13 @@ Two graphs:
   [N, 36, H_l, W_l] (deltas), exactly `FreeAnchor.forward`. Decoding and NMS run outside the
   graph in `freeanchor.models.postprocess`, the same code as PyTorch inference
   (`freeanchor predict --onnx`).
-- with NMS (`with_nms=True`): inputs `images` and `img_hw` [N, 2] (float, (H, W) of each
-  resized image before padding, to clip boxes as PyTorch does); outputs `boxes`
-  [N, max_per_img, 4] xyxy in network-input pixels, `scores` [N, max_per_img] and `labels`
-  [N, max_per_img] (int64), padded with score 0 and label -1, and `num_dets` [N]. Same steps as
-  `postprocess` (per-level top `nms_pre`, score threshold, decode + clip, class-aware NMS,
-  best `max_per_img`), written with fixed shapes so it traces.
+- with NMS (`with_nms=True`): inputs `images`, `img_hw` [N, 2] (float, (H, W) of each
+  resized image before padding, to clip boxes as PyTorch does) and `rescale` [N, 2] (float,
+  x and y multipliers to original-image pixels: 1 / scale factor, or ones); outputs `boxes`
+  [N, max_per_img, 4] xyxy, `scores` [N, max_per_img] and `labels` [N, max_per_img] (int64),
+  padded with score 0 and label -1, and `num_dets` [N]. The graph *is*
+  `freeanchor.models.postprocess.postprocess_padded` (per-level top `nms_pre`, decode + clip,
+  rescale, score threshold, class-aware NMS, best `max_per_img`): one implementation.
 
 The ModelConfig (class names, input_scale, mean/std, strides, ...) and the checkpoint's extra
 metadata (`cat_ids`) go into the ONNX `metadata_props`, so deployment needs only the .onnx
@@ -35,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from freeanchor.config import ModelConfig, to_dict
+from freeanchor.errors import CheckpointError, OptionError
 from freeanchor.models.detector import FreeAnchor
+from freeanchor.models.postprocess import level_scores, postprocess_padded
 
 META_CONFIG = "freeanchor.config"
 META_EXTRA = "freeanchor.extra"
@@ -79,7 +81,7 @@ class RawGraph(nn.Module):
 
 
 class NMSGraph(nn.Module):
-    """Network + decoding + score threshold + class-aware NMS with fixed-size outputs."""
+    """Network + `postprocess_padded` (decoding, threshold, class-aware NMS), fixed shapes."""
 
     def __init__(
         self, model: FreeAnchor, score_thr: float, nms_iou: float, nms_pre: int, max_per_img: int
@@ -89,71 +91,23 @@ class NMSGraph(nn.Module):
         self.score_thr, self.nms_iou = float(score_thr), float(nms_iou)
         self.nms_pre, self.max_per_img = int(nms_pre), int(max_per_img)
 
-    def forward(self, images: Tensor, img_hw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, img_hw: Tensor, rescale: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cls_scores, bbox_preds = self.model(images)
-        n, c = images.shape[0], self.model.cfg.num_classes
         sizes = [(s.shape[-2], s.shape[-1]) for s in cls_scores]
         anchors = self.model.anchor_generator.grid_anchors(sizes, images.device)
-        all_boxes, all_scores, all_labels = [], [], []
-        for cls, reg, anc in zip(cls_scores, bbox_preds, anchors):
-            scores = cls.permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # [N, A_l*C]
-            # sym_min keeps k symbolic under the dynamo exporter (dynamic sizes); the
-            # TorchScript tracer fixes it at the example input's value.
-            k = (
-                torch.sym_min(self.nms_pre, scores.shape[1])
-                if self.nms_pre > 0
-                else scores.shape[1]
-            )
-            top, idx = scores.topk(k, dim=1)
-            anchor_idx = idx // c
-            deltas = reg.permute(0, 2, 3, 1).reshape(n, -1, 4)
-            deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes = self.model.box_coder.decode(
-                anc[anchor_idx], deltas, max_shape=img_hw[:, None, :]
-            )
-            all_boxes.append(boxes)
-            all_scores.append(top)
-            all_labels.append(idx - anchor_idx * c)
-        boxes = torch.cat(all_boxes, 1)  # [N, K, 4]
-        scores = torch.cat(all_scores, 1)  # [N, K]
-        labels = torch.cat(all_labels, 1)
-        wh = boxes[..., 2:] - boxes[..., :2]
-        valid = (scores > self.score_thr) & (wh > 0).all(dim=-1)
-        # Invalid pairs get score -1: they rank last, so they can never suppress a valid box.
-        scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
-        k_total = boxes.shape[1]
-        img = torch.arange(n, device=images.device)[:, None].expand(n, k_total).reshape(-1)
-        flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        flat_labels, flat_valid = labels.reshape(-1), valid.reshape(-1)
-        # Class- and image-aware NMS in one call: shift each (image, class) group apart.
-        offset = (img * c + flat_labels).to(flat_boxes.dtype) * (flat_boxes.max() + 1)
-        keep = nms(flat_boxes + offset[:, None], flat_scores, self.nms_iou)  # score-sorted
-        keep_img, keep_valid = img[keep], flat_valid[keep]
-        onehot = (keep_img[:, None] == torch.arange(n, device=images.device)[None]) & keep_valid[
-            :, None
+        scores = [level_scores(s) for s in cls_scores]
+        # sym_min keeps k symbolic under the dynamo exporter (dynamic sizes); the TorchScript
+        # tracer fixes it at the example input's value.
+        topk = [
+            torch.sym_min(self.nms_pre, p.shape[1]) if self.nms_pre > 0 else p.shape[1]
+            for p in scores
         ]
-        rank = onehot.long().cumsum(0).gather(1, keep_img[:, None])[:, 0] - 1
-        take = keep_valid & (rank < self.max_per_img)
-        # Rows not taken all go to a spare column that is cut off afterwards.
-        slot = keep_img * (self.max_per_img + 1) + torch.where(
-            take, rank, torch.full_like(rank, self.max_per_img)
-        )
-        size = n * (self.max_per_img + 1)
-        out_boxes = flat_boxes.new_zeros(size, 4).index_copy(0, slot, flat_boxes[keep])
-        out_scores = flat_scores.new_zeros(size).index_copy(
-            0, slot, torch.where(take, flat_scores[keep], torch.zeros_like(flat_scores[keep]))
-        )
-        out_labels = torch.full_like(flat_labels[:1].expand(size), -1).index_copy(
-            0, slot, torch.where(take, flat_labels[keep], torch.full_like(flat_labels[keep], -1))
-        )
-        m = self.max_per_img
-        num = onehot.long().sum(0).clamp(max=m)
-        return (
-            out_boxes.view(n, m + 1, 4)[:, :m],
-            out_scores.view(n, m + 1)[:, :m],
-            out_labels.view(n, m + 1)[:, :m],
-            num,
-        )
+        return postprocess_padded(
+            scores, bbox_preds, anchors, img_hw, rescale, self.model.box_coder, topk,
+            self.score_thr, self.nms_iou, self.max_per_img,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- export
@@ -239,7 +193,7 @@ def read_metadata(session) -> tuple[ModelConfig, dict, str]:
 
     props = session.get_modelmeta().custom_metadata_map
     if META_CONFIG not in props:
-        raise ValueError(
+        raise CheckpointError(
             "ONNX model has no freeanchor config in its metadata (export it with freeanchor export)"
         )
     cfg = from_dict(ModelConfig, json.loads(props[META_CONFIG]), "ONNX metadata config")
@@ -262,21 +216,16 @@ def _check_nms(session, graph: NMSGraph, x: Tensor) -> float:
     twin or a different count gives inf.
     """
     from freeanchor.data.transforms import ImageMeta
-    from freeanchor.models.postprocess import postprocess
 
     model = graph.model
     h, w = x.shape[-2:]
     img_hw = torch.tensor([[float(h), float(w)]] * x.shape[0])
-    boxes, scores, labels, num = session.run(None, {"images": x.numpy(), "img_hw": img_hw.numpy()})
+    feeds = {"images": x.numpy(), "img_hw": img_hw.numpy(),
+             "rescale": torch.ones(x.shape[0], 2).numpy()}  # fmt: skip
+    boxes, scores, labels, num = session.run(None, feeds)
     with torch.no_grad():
-        cls_scores, bbox_preds = model(x)
-        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
-        dets = postprocess(
-            cls_scores, bbox_preds, model.anchors(sizes, x.device),
-            [ImageMeta((h, w), (h, w), (1.0, 1.0))] * x.shape[0], model.box_coder,
-            rescale=False, score_thr=graph.score_thr, nms_pre=graph.nms_pre,
-            nms_iou=graph.nms_iou, max_per_img=graph.max_per_img,
-        )  # fmt: skip
+        metas = [ImageMeta((h, w), (h, w), (1.0, 1.0))] * x.shape[0]
+        dets = model.detect(x, metas, rescale=False, score_thr=graph.score_thr)
     worst = 0.0
     for i, det in enumerate(dets):
         n = int(num[i])
@@ -321,12 +270,12 @@ def export_onnx(
     import onnxruntime as ort
 
     if exporter not in ("auto", "dynamo", "torchscript"):
-        raise ValueError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
+        raise OptionError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
     cfg = model.cfg
     path = Path(path)
     size = tuple(size) if size else default_size(cfg)
     if any(v <= 0 or v % cfg.size_divisor for v in size):
-        raise ValueError(f"export size {size}: height and width must be positive multiples "
+        raise OptionError(f"export size {size}: height and width must be positive multiples "
                          f"of {cfg.size_divisor}")  # fmt: skip
     was_training = model.training
     model.eval()
@@ -336,8 +285,10 @@ def export_onnx(
             model, cfg.score_thr if score_thr is None else score_thr,
             cfg.nms_iou, cfg.nms_pre, cfg.max_per_img,
         ).eval()  # fmt: skip
-        args: tuple[Tensor, ...] = (x, torch.tensor([[float(size[0]), float(size[1])]]))
-        inputs, outputs = ["images", "img_hw"], ["boxes", "scores", "labels", "num_dets"]
+        hw = torch.tensor([[float(size[0]), float(size[1])]])
+        args: tuple[Tensor, ...] = (x, hw, torch.ones(1, 2))
+        inputs = ["images", "img_hw", "rescale"]
+        outputs = ["boxes", "scores", "labels", "num_dets"]
     else:
         graph, args = RawGraph(model).eval(), (x,)
         inputs, outputs = ["images"], raw_output_names(cfg)
@@ -380,7 +331,7 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size {text!r}: expected HxW, e.g. 800x1344") from None
+        raise OptionError(f"--size {text!r}: expected HxW, e.g. 800x1344") from None
     return h, w
 
 

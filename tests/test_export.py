@@ -85,23 +85,28 @@ def test_torchscript_exporter_also_matches(tmp_path, capsys):
 
 
 def test_with_nms_graph_equals_postprocess(tmp_path):
-    from freeanchor.models.postprocess import postprocess
+    from freeanchor.models.postprocess import postprocess, rescale_factors
 
     model = tiny_model(seed=3)
     export_onnx(model, tmp_path / "nms.onnx", with_nms=True, size=(96, 96), score_thr=0.05)
     session = _session(tmp_path / "nms.onnx")
+    assert [i.name for i in session.get_inputs()] == ["images", "img_hw", "rescale"]
     assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels", "num_dets"]
     x = sample_input(model.cfg, (96, 96), batch=1) * 0.5
     hw = np.array([[90.0, 80.0]], dtype=np.float32)  # the image before padding
-    boxes, scores, labels, num = session.run(None, {"images": x.numpy(), "img_hw": hw})
+    # an original image of 64 x 112 (w x h): scale factors (w, h) = (80/64, 90/112)
+    meta = ImageMeta((112, 64), (90, 80), (80 / 64, 90 / 112))
+    rescale = rescale_factors([meta], True).numpy()
+    boxes, scores, labels, num = session.run(
+        None, {"images": x.numpy(), "img_hw": hw, "rescale": rescale}
+    )
     assert boxes.shape == (1, 100, 4) and scores.shape == (1, 100)
     with torch.no_grad():
         cls_scores, bbox_preds = model(x)
         (ref,) = postprocess(
             cls_scores, bbox_preds, model.anchors([tuple(s.shape[-2:]) for s in cls_scores], "cpu"),
-            [ImageMeta((90, 80), (90, 80), (1.0, 1.0))], model.box_coder, rescale=False,
-            score_thr=0.05, nms_pre=model.cfg.nms_pre, nms_iou=model.cfg.nms_iou,
-            max_per_img=model.cfg.max_per_img,
+            [meta], model.box_coder, rescale=True, score_thr=0.05, nms_pre=model.cfg.nms_pre,
+            nms_iou=model.cfg.nms_iou, max_per_img=model.cfg.max_per_img,
         )  # fmt: skip
     n = int(num[0])
     assert 0 < n == len(ref["scores"]) < 100
@@ -109,7 +114,8 @@ def test_with_nms_graph_equals_postprocess(tmp_path):
     np.testing.assert_allclose(scores[0, :n], ref["scores"].numpy(), atol=1e-5)
     np.testing.assert_allclose(boxes[0, :n], ref["boxes"].numpy(), atol=1e-3)
     np.testing.assert_array_equal(labels[0, :n], ref["labels"].numpy())
-    assert boxes[0, :n, 2].max() <= 80 and boxes[0, :n, 3].max() <= 90  # clipped to img_hw
+    # clipped to img_hw, then rescaled to the original 64 x 112
+    assert boxes[0, :n, 2].max() <= 64 + 1e-3 and boxes[0, :n, 3].max() <= 112 + 1e-3
 
 
 @pytest.mark.parametrize("graph", ["raw", "nms"])

@@ -37,6 +37,9 @@ class AnchorGenerator:
         self.scales = torch.tensor([o * octave_base_scale for o in octave], dtype=torch.float32)
         self.ratios = torch.tensor(list(ratios), dtype=torch.float32)
         self.base_anchors = [self._base_anchors(s) for s in self.strides]
+        # Anchors per (feature-map sizes, device, dtype): the one cache, bounded (multi-scale
+        # training sees many sizes). Not part of any state_dict.
+        self._cache: dict[tuple, list[Tensor]] = {}
 
     @property
     def num_base_anchors(self) -> int:
@@ -56,16 +59,29 @@ class AnchorGenerator:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> list[Tensor]:
-        """Anchors of every level.
+        """Anchors of every level, cached per sizes / device / dtype (not while exporting).
 
         Args:
             featmap_sizes: (H_l, W_l) of each level, in the order of `strides`.
 
         Returns:
-            list of [H_l * W_l * 9, 4] xyxy tensors in input pixels.
+            list of [H_l * W_l * 9, 4] xyxy tensors in input pixels (shared: do not modify).
         """
         if len(featmap_sizes) != len(self.strides):
             raise ValueError(f"{len(featmap_sizes)} feature maps for {len(self.strides)} strides")
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # Traced from the (symbolic) sizes, so an exported graph keeps dynamic shapes.
+            return self._grid(featmap_sizes, device, dtype)
+        key = (tuple((int(h), int(w)) for h, w in featmap_sizes), str(device), dtype)
+        if key not in self._cache:
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            # Normal tensors even under inference_mode, so the cache also serves training.
+            with torch.inference_mode(False):
+                self._cache[key] = self._grid(featmap_sizes, device, dtype)
+        return self._cache[key]
+
+    def _grid(self, featmap_sizes, device, dtype) -> list[Tensor]:
         out = []
         for (h, w), stride, base in zip(featmap_sizes, self.strides, self.base_anchors):
             shift_x = torch.arange(w, device=device).to(dtype) * stride
