@@ -21,6 +21,8 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from freeanchor.config import ModelConfig
+from freeanchor.errors import CheckpointError, ConfigError, MissingFileError
+from freeanchor.models.zoo import download, first_line
 
 # name -> (block, blocks per stage, groups, width_per_group)
 _RESNETS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
@@ -138,7 +140,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone == "mobilenet_v2":
         return MobileNetV2Backbone(cfg.frozen_stages)
     if cfg.backbone not in _RESNETS:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}")
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}")
     return ResNetBackbone(cfg.backbone, cfg.frozen_stages, cfg.norm_eval)
 
 
@@ -146,7 +148,7 @@ def _torchvision_state_dict(name: str) -> dict[str, Tensor]:
     import torchvision.models as tvm
 
     if name not in _TORCHVISION_WEIGHTS:
-        raise ValueError(f"torchvision has no ImageNet weights for backbone {name!r}")
+        raise ConfigError(f"torchvision has no ImageNet weights for backbone {name!r}")
     weights = getattr(tvm, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
     return weights.get_state_dict(progress=True)
 
@@ -161,7 +163,7 @@ def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> N
             torchvision's ImageNet weights for this backbone.
 
     `fc.*` / `classifier.*` (the ImageNet classifier) are ignored; any other missing,
-    unexpected or mis-shaped key raises ValueError naming it.
+    unexpected or mis-shaped key raises CheckpointError naming it.
     """
     if str(path_or_name) == "torchvision":
         source = f"torchvision ImageNet weights for {backbone.name}"
@@ -169,21 +171,20 @@ def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> N
     else:
         path = Path(path_or_name)
         if str(path_or_name).startswith(("http://", "https://")):
-            from freeanchor.models.weights import download  # cached in the torch hub dir
-
-            path = download(str(path_or_name))
+            path = download(str(path_or_name))  # cached in the torch hub dir
         source = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: backbone weights file not found")
+            raise MissingFileError(f"{path}: backbone weights file not found")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: cannot load backbone weights ({first})") from None
+            raise CheckpointError(
+                f"{path}: cannot load backbone weights ({first_line(e)})"
+            ) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}")
+            raise CheckpointError(f"{path}: expected a state_dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     own = backbone.state_dict()
     # Older ImageNet files lack BN's `num_batches_tracked`; BatchNorm fills it in on load.
@@ -193,10 +194,10 @@ def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> N
         what = [f"missing key {k!r}" for k in missing[:3]]
         what += [f"unexpected key {k!r}" for k in unexpected[:3]]
         total = len(missing) + len(unexpected)
-        raise ValueError(f"{source}: {'; '.join(what)} ({total} mismatched keys in all)")
+        raise CheckpointError(f"{source}: {'; '.join(what)} ({total} mismatched keys in all)")
     for k, v in own.items():
         if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: key {k!r} has shape {tuple(state[k].shape)}, "
                 f"the {backbone.name} backbone needs {tuple(v.shape)}"
             )

@@ -1,34 +1,52 @@
 """The FreeAnchor detector: backbone -> FPN -> RetinaNet head, trained with the FreeAnchor loss.
 
 `forward` returns raw per-level head outputs (export-clean); `loss` adds anchors and the
-FreeAnchor loss; `detect` adds the test-time post-processing; `predict` also reads and
-preprocesses images and returns `Results`.
+FreeAnchor loss; `detect` adds the test-time post-processing; `predict` runs the whole
+test-time pipeline (`freeanchor.inference`) on files, folders, globs, PIL images, arrays or
+tensors and returns `Results`.
 
     model = build_model("freeanchor_r50_fpn_1x_coco", pretrained_backbone="torchvision")
-    model = load_model("freeanchor_r50_fpn_1x_coco")  # MMDetection's released weights
-    results = model.predict(["a.jpg", "b.jpg"], score_thr=0.3)
+    model = freeanchor.load_model("freeanchor_r50_fpn_1x_coco")  # MMDetection's released weights
+    results = model.predict(["a.jpg", "photos/"], score_thr=0.3)
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from freeanchor.config import ModelConfig, preset
+from freeanchor.data.io import DEFAULT_MAX_PIXELS
 from freeanchor.data.transforms import ImageMeta
+from freeanchor.errors import ImageReadError, OptionError
+from freeanchor.inference import ImageInput, Pipeline, Skipped, expand_sources
 from freeanchor.models.anchors import AnchorGenerator
 from freeanchor.models.backbone import build_backbone, load_pretrained_backbone
 from freeanchor.models.box_coder import DeltaXYWHCoder
 from freeanchor.models.fpn import FPN
 from freeanchor.models.head import RetinaHead, flatten_head_outputs
 from freeanchor.models.loss import FreeAnchorLoss
-from freeanchor.models.postprocess import postprocess
+from freeanchor.models.postprocess import decode_outputs
 from freeanchor.results import Results
 
-ImageSource = str | Path | Tensor
+
+class CheckpointData(Protocol):
+    """What `FreeAnchor.from_checkpoint` needs (`freeanchor.models.weights.Checkpoint`)."""
+
+    cfg: ModelConfig
+    state: dict[str, Tensor]
+    extra: dict[str, Any]
+
+    def check_keys(self, expected: dict[str, Tensor]) -> None: ...
 
 
 class FreeAnchor(nn.Module):
@@ -63,9 +81,22 @@ class FreeAnchor(nn.Module):
         )
         # Plain metadata a checkpoint carried (e.g. the dataset's "cat_ids"); see weights.py.
         self.extra: dict = {}
-        # Anchors per (feature-map sizes, device); not a buffer, so the state_dict stays
-        # exactly MMDetection's.
-        self._anchor_cache: dict[tuple, list[Tensor]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: CheckpointData) -> FreeAnchor:
+        """Build the model a checkpoint describes and load its weights (strictly).
+
+        Args:
+            checkpoint: `freeanchor.models.weights.read_checkpoint(path)`.
+
+        Raises:
+            CheckpointError: a missing, unexpected or mis-shaped key (named).
+        """
+        model = cls(checkpoint.cfg)
+        checkpoint.check_keys(model.state_dict())
+        model.load_state_dict(checkpoint.state, strict=True)
+        model.extra = dict(checkpoint.extra)
+        return model
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """images [N, 3, H, W] (normalised, padded) -> (cls_scores, bbox_preds).
@@ -75,18 +106,11 @@ class FreeAnchor(nn.Module):
         return self.head(self.fpn(self.backbone(images)))
 
     def anchors(
-        self, featmap_sizes: Sequence[tuple[int, int]], device: torch.device
+        self, featmap_sizes: Sequence[tuple[int, int]], device: torch.device | str
     ) -> list[Tensor]:
-        """Per-level anchors [H_l*W_l*9, 4] for these feature-map sizes (cached)."""
-        key = (tuple(tuple(int(v) for v in s) for s in featmap_sizes), str(device))
-        if key not in self._anchor_cache:
-            if len(self._anchor_cache) >= 64:  # many input sizes (multi-scale): bound memory
-                self._anchor_cache.clear()
-            # Normal tensors even under inference_mode, so the cache also serves training.
-            with torch.inference_mode(False):
-                anchors = self.anchor_generator.grid_anchors(featmap_sizes, device)
-            self._anchor_cache[key] = anchors
-        return self._anchor_cache[key]
+        """Per-level anchors [H_l*W_l*9, 4] for these feature-map sizes (cached by the
+        anchor generator)."""
+        return self.anchor_generator.grid_anchors(featmap_sizes, device)
 
     def loss(
         self,
@@ -133,83 +157,77 @@ class FreeAnchor(nn.Module):
             per image {"boxes" [n, 4] xyxy float32, "scores" [n], "labels" [n] int64}.
         """
         cls_scores, bbox_preds = self(images)
-        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
-        return postprocess(
-            cls_scores,
-            bbox_preds,
-            self.anchors(sizes, images.device),
-            metas,
-            self.box_coder,
-            rescale=rescale,
-            score_thr=self.cfg.score_thr if score_thr is None else score_thr,
-            nms_pre=self.cfg.nms_pre,
-            nms_iou=self.cfg.nms_iou,
-            max_per_img=self.cfg.max_per_img,
-        )
+        return decode_outputs(
+            cls_scores, bbox_preds, metas, self.anchor_generator, self.box_coder, self.cfg,
+            score_thr=score_thr, rescale=rescale,
+        )  # fmt: skip
 
     def predict(
         self,
-        sources: ImageSource | Sequence[ImageSource],
+        sources: ImageInput | Sequence[ImageInput],
         score_thr: float | None = None,
         batch_size: int = 4,
+        bgr: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        skip_unreadable: bool = False,
     ) -> list[Results]:
-        """Detect objects in image files or uint8 RGB [3, H, W] tensors.
+        """Detect objects in images; the test-time pipeline of `freeanchor.inference`.
 
-        Runs in eval mode (the previous mode is restored) under `torch.inference_mode`.
+        Args:
+            sources: one input or a list: image files, folders, globs, PIL images, numpy uint8
+                [H, W, 3] arrays or uint8 [3, H, W] tensors (RGB; BGR with `bgr=True`).
+            score_thr: minimum score (default `cfg.score_thr`).
+            batch_size: images per forward pass (only images of one padded size share one,
+                so results do not depend on the batch).
+            max_pixels: refuse image files with more pixels (None = no limit).
+            skip_unreadable: leave out unusable images (a warning each) instead of raising.
+
+        Returns:
+            one `Results` per image, in input order (folders and globs expanded in place).
+
+        Raises:
+            TypeError: an input of a type that is not accepted.
+            ImageReadError: an unusable image (unless `skip_unreadable`).
         """
-        from freeanchor.data.io import read_image
-        from freeanchor.data.transforms import preprocess
-
-        if isinstance(sources, (str, Path)) or (isinstance(sources, Tensor) and sources.dim() == 3):
-            sources = [sources]
-        sources = list(sources)
+        single = isinstance(sources, (str, os.PathLike, Tensor, np.ndarray, Image.Image))
+        inputs: list[ImageInput] = []
+        for src in [sources] if single else list(sources):
+            if isinstance(src, (str, os.PathLike)) and (
+                Path(src).is_dir() or glob.has_magic(str(src))
+            ):
+                inputs += expand_sources([src])
+            else:
+                inputs.append(src)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        names = self.cfg.class_names()
+            raise OptionError(f"batch_size must be >= 1, got {batch_size}")
         device = next(self.parameters()).device
+        names = self.cfg.class_names()
+
+        def detect(batch: Tensor, metas: list[ImageMeta], thr: float | None):
+            return self.detect(batch.to(device), metas, rescale=True, score_thr=thr)
+
+        pipeline = Pipeline(self.cfg, detect, batch_size, max_pixels, bgr)
+        results: dict[int, Results] = {}
         was_training = self.training
         self.eval()
-        results: list[Results] = []
         try:
             with torch.inference_mode():
-                for start in range(0, len(sources), batch_size):
-                    chunk = sources[start : start + batch_size]
-                    images = [_as_image(s, read_image) for s in chunk]
-                    batch, metas = preprocess(
-                        images,
-                        self.cfg.input_scale,
-                        self.cfg.mean,
-                        self.cfg.std,
-                        self.cfg.size_divisor,
-                    )
-                    dets = self.detect(batch.to(device), metas, rescale=True, score_thr=score_thr)
-                    for src, image, meta, det in zip(chunk, images, metas, dets):
-                        labels = det["labels"].cpu()
-                        results.append(
-                            Results(
-                                boxes=det["boxes"].cpu(),
-                                scores=det["scores"].cpu(),
-                                labels=labels,
-                                names=[names[i] for i in labels.tolist()],
-                                path=None if isinstance(src, Tensor) else str(src),
-                                orig_shape=meta.ori_shape,
-                                image=image if isinstance(src, Tensor) else None,
-                            )
-                        )
+                for out in pipeline.run(inputs, score_thr):
+                    if isinstance(out, Skipped):
+                        if not skip_unreadable:
+                            raise ImageReadError(out.message)
+                        warnings.warn(f"skipped: {out.message}", stacklevel=2)
+                        continue
+                    is_file = isinstance(out.source, (str, os.PathLike))
+                    results[out.index] = Results(
+                        boxes=out.boxes, scores=out.scores, labels=out.labels,
+                        names=[names[i] for i in out.labels.tolist()],
+                        path=str(out.source) if is_file else None,
+                        orig_shape=out.meta.ori_shape, image=None if is_file else out.image,
+                    )  # fmt: skip
         finally:
             self.train(was_training)
-        return results
-
-
-def _as_image(source: ImageSource, read_image) -> Tensor:
-    if isinstance(source, Tensor):
-        if source.dim() != 3 or source.shape[0] != 3 or source.dtype != torch.uint8:
-            raise ValueError(
-                f"image tensors must be uint8 RGB [3, H, W], got {source.dtype} "
-                f"{list(source.shape)}"
-            )
-        return source.cpu()
-    return read_image(source)
+        return [results[i] for i in sorted(results)]
 
 
 def build_model(

@@ -12,6 +12,10 @@ weights and what they mean cannot drift apart. Written atomically.
 Every key must be accounted for: a missing, unexpected or mis-shaped one is an error naming it
 and the file. `torch.load` always runs with `weights_only=True`.
 
+Reading returns data (`read_checkpoint` -> `Checkpoint`: config, state_dict in our key names,
+extra); the detector builds itself from it (`FreeAnchor.from_checkpoint`). `load_model` is the
+two together. Downloads and the zoo live in `zoo.py`.
+
     freeanchor convert retinanet_free_anchor_r50_fpn_1x_coco_20200130-0f67375f.pth r50.safetensors
 """
 
@@ -21,6 +25,8 @@ import json
 import pickle
 import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +34,18 @@ import torch
 from torch import Tensor
 
 from freeanchor.config import COCO_CLASSES, ModelConfig, from_dict, preset, to_dict
+from freeanchor.errors import CheckpointError, FreeAnchorError, MissingFileError
 from freeanchor.files import atomic_path
 from freeanchor.models.detector import FreeAnchor
+from freeanchor.models.zoo import ZOO, download, first_line
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "ZOO", "download", "from_mmdet_key", "load_model",
+    "read_checkpoint", "run_convert", "save_model", "to_mmdet_key",
+]  # fmt: skip
 
 FORMAT = "freeanchor"
 FORMAT_VERSION = "1"
-
-_MMDET_URL = "https://download.openmmlab.com/mmdetection/v2.0/free_anchor/"
-# name -> (url, sha256 prefix from the file name, preset)
-ZOO: dict[str, tuple[str, str, str]] = {
-    "freeanchor_r50_fpn_1x_coco": (
-        _MMDET_URL + "retinanet_free_anchor_r50_fpn_1x_coco/"
-        "retinanet_free_anchor_r50_fpn_1x_coco_20200130-0f67375f.pth",
-        "0f67375f",
-        "freeanchor_r50_fpn_1x_coco",
-    ),
-    "freeanchor_r101_fpn_1x_coco": (
-        _MMDET_URL + "retinanet_free_anchor_r101_fpn_1x_coco/"
-        "retinanet_free_anchor_r101_fpn_1x_coco_20200130-358324e6.pth",
-        "358324e6",
-        "freeanchor_r101_fpn_1x_coco",
-    ),
-    "freeanchor_x101-32x4d_fpn_1x_coco": (
-        _MMDET_URL + "retinanet_free_anchor_x101_32x4d_fpn_1x_coco/"
-        "retinanet_free_anchor_x101_32x4d_fpn_1x_coco_20200130-d4846968.pth",
-        "d4846968",
-        "freeanchor_x101-32x4d_fpn_1x_coco",
-    ),
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
-
 
 # ----------------------------------------------------------------------------- key names
 
@@ -104,7 +89,7 @@ def save_model(model: FreeAnchor, path: str | Path, extra: dict[str, Any] | None
     try:
         extra_json = json.dumps(extra)
     except TypeError as e:
-        raise ValueError(f"{path}: extra metadata is not JSON-serialisable ({e})") from None
+        raise CheckpointError(f"{path}: extra metadata is not JSON-serialisable ({e})") from None
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -122,13 +107,53 @@ def save_model(model: FreeAnchor, path: str | Path, extra: dict[str, Any] | None
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> FreeAnchor:
-    """A FreeAnchor model, in eval mode, from a checkpoint.
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, read and validated as far as the file alone allows.
+
+    Attributes:
+        cfg: the model config (from the file, or inferred from MMDetection keys and shapes).
+        state: the state_dict in our key names.
+        extra: plain metadata (e.g. the dataset's "cat_ids").
+        path: the file, for messages.
+    """
+
+    cfg: ModelConfig
+    state: dict[str, Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path = Path("?")
+    spell: Callable[[str], str] = str  # our key -> the file's spelling, for messages
+    unmapped: list[str] = field(default_factory=list)  # file keys with no counterpart
+
+    def check_keys(self, expected: dict[str, Tensor]) -> None:
+        """Raise `CheckpointError` naming the first missing, unexpected or mis-shaped keys."""
+        missing = [self.spell(k) for k in expected if k not in self.state]
+        unexpected = self.unmapped + [self.spell(k) for k in self.state if k not in expected]
+        if missing or unexpected:
+            what = [f"missing key {k!r}" for k in missing[:3]]
+            what += [f"unexpected key {k!r}" for k in unexpected[:3]]
+            n = len(missing) + len(unexpected)
+            more = f" ({n} mismatched keys in all)" if n > len(what) else ""
+            raise CheckpointError(f"{self.path}: {'; '.join(what)}{more}")
+        for k, v in expected.items():
+            if tuple(self.state[k].shape) != tuple(v.shape):
+                raise CheckpointError(
+                    f"{self.path}: key {self.spell(k)!r} has shape {list(self.state[k].shape)}, "
+                    f"the model ({self.cfg.backbone}, {self.cfg.num_classes} classes) needs "
+                    f"{list(v.shape)}"
+                )
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported checkpoint (see the module docstring) into a `Checkpoint`.
 
     Args:
         path: a local file (our safetensors, an MMDetection `.pth`, an engine checkpoint), an
             http(s) URL (downloaded into the torch hub cache), or a zoo name (see `ZOO`,
             downloaded on demand with a sha256-prefix check).
+
+    Raises:
+        MissingFileError: no such file. CheckpointError: anything else wrong with it.
     """
     name = str(path)
     base_cfg = None
@@ -139,38 +164,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FreeAnch
         path = download(name)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (zoo names: {', '.join(ZOO)})")
+        raise MissingFileError(f"{path}: checkpoint not found (zoo names: {', '.join(ZOO)})")
     if _is_safetensors(path):
-        model = _load_safetensors(path)
-    else:
-        model = _load_torch_object(_torch_load(path), path, base_cfg)
-    return model.to(device).eval()
+        return _read_safetensors(path)
+    return _read_torch_object(_torch_load(path), path, base_cfg)
 
 
-def download(url: str, hash_prefix: str | None = None) -> Path:
-    """Fetch `url` into `<torch hub dir>/checkpoints/` once; check the sha256 prefix.
-
-    Without `hash_prefix`, a `-<hex>.` suffix in the file name (torch hub's convention) is used.
-    """
-    filename = url.rsplit("/", 1)[-1].split("?")[0]
-    if hash_prefix is None:
-        m = re.search(r"-([a-f0-9]{6,})\.", filename)
-        hash_prefix = m.group(1) if m else None
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if dst.is_file():
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # Writes a temporary file and renames it only after the hash check passed.
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_prefix, progress=True)
-    except Exception as e:  # noqa: BLE001 - network and hash errors alike end the command
-        raise CheckpointError(f"{url}: download failed ({_first_line(e)})") from None
-    return dst
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> FreeAnchor:
+    """A FreeAnchor model, in eval mode, from a checkpoint (`read_checkpoint`'s sources)."""
+    return FreeAnchor.from_checkpoint(read_checkpoint(path)).to(device).eval()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -189,13 +191,13 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: it holds Python objects that torch.load(weights_only=True) does "
-            f"not allow; only tensors and plain containers are loaded ({_first_line(e)})"
+            f"not allow; only tensors and plain containers are loaded ({first_line(e)})"
         ) from None
     except Exception as e:  # noqa: BLE001 - corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
 
 
-def _load_safetensors(path: Path) -> FreeAnchor:
+def _read_safetensors(path: Path) -> Checkpoint:
     from safetensors import safe_open
 
     try:
@@ -204,7 +206,7 @@ def _load_safetensors(path: Path) -> FreeAnchor:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({_first_line(e)})"
+            f"{path}: not a readable safetensors file ({first_line(e)})"
         ) from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path}: safetensors file without a freeanchor config header")
@@ -213,13 +215,21 @@ def _load_safetensors(path: Path) -> FreeAnchor:
         extra = json.loads(meta.get("extra", "{}"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt config in the header ({e})") from None
-    model = FreeAnchor(from_dict(ModelConfig, cfg_dict, f"{path}: config"))
-    _load_state(model, state, path)
-    model.extra = extra
-    return model
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: extra metadata in the header is not a JSON object")
+    return Checkpoint(_config(cfg_dict, path), state, extra, path)
 
 
-def _load_torch_object(obj: Any, path: Path, base_cfg: ModelConfig | None) -> FreeAnchor:
+def _config(cfg_dict: Any, path: Path) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, cfg_dict, f"{path}: config")
+    except FreeAnchorError:
+        raise
+    except ValueError as e:  # a config error of another type still names the file
+        raise CheckpointError(str(e).splitlines()[0]) from None
+
+
+def _read_torch_object(obj: Any, path: Path, base_cfg: ModelConfig | None) -> Checkpoint:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     if isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict):
@@ -227,12 +237,9 @@ def _load_torch_object(obj: Any, path: Path, base_cfg: ModelConfig | None) -> Fr
         cfg_dict = obj["config"]
         if isinstance(cfg_dict.get("model"), dict):
             cfg_dict = cfg_dict["model"]
-        model = FreeAnchor(from_dict(ModelConfig, cfg_dict, f"{path}: config"))
         state = {k.removeprefix("module."): v for k, v in obj["model"].items()}
-        _load_state(model, state, path)
-        if isinstance(obj.get("extra"), dict):
-            model.extra = dict(obj["extra"])
-        return model
+        extra = dict(obj["extra"]) if isinstance(obj.get("extra"), dict) else {}
+        return Checkpoint(_config(cfg_dict, path), state, extra, path)
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
     if not all(isinstance(v, Tensor) for v in state.values()):
@@ -242,37 +249,9 @@ def _load_torch_object(obj: Any, path: Path, base_cfg: ModelConfig | None) -> Fr
     if any(k.startswith(("fpn.", "head.")) for k in state):  # a bare state_dict in our names
         state = {to_mmdet_key(k): v for k, v in state.items()}
     cfg = _infer_mmdet_config(state, meta, path, base_cfg)
-    model = FreeAnchor(cfg)
     ours = {from_mmdet_key(k): v for k, v in state.items() if from_mmdet_key(k) is not None}
     unmapped = [k for k in state if from_mmdet_key(k) is None]
-    _load_state(model, ours, path, to_mmdet_key, unmapped)
-    return model
-
-
-def _load_state(
-    model: FreeAnchor, state: dict[str, Tensor], path: Path, name=lambda k: k, unmapped=()
-) -> None:
-    """Strict load; `name(key)` spells our key as the file does, for the messages.
-
-    `unmapped`: keys of the file (its spelling) that have no counterpart in our model.
-    """
-    own = model.state_dict()
-    missing = [name(k) for k in own if k not in state]
-    unexpected = list(unmapped) + [name(k) for k in state if k not in own]
-    if missing or unexpected:
-        what = [f"missing key {k!r}" for k in missing[:3]]
-        what += [f"unexpected key {k!r}" for k in unexpected[:3]]
-        n = len(missing) + len(unexpected)
-        more = f" ({n} mismatched keys in all)" if n > len(what) else ""
-        raise CheckpointError(f"{path}: {'; '.join(what)}{more}")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{path}: key {name(k)!r} has shape {list(state[k].shape)}, "
-                f"the model ({model.cfg.backbone}, {model.cfg.num_classes} classes) needs "
-                f"{list(v.shape)}"
-            )
-    model.load_state_dict(state, strict=True)
+    return Checkpoint(cfg, ours, {}, path, to_mmdet_key, unmapped)
 
 
 def _count(state: dict[str, Tensor], prefix: str) -> int:

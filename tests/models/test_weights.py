@@ -273,3 +273,19 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "junk.pth" in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_read_checkpoint_returns_data_and_the_detector_builds_itself(small_model, tmp_path):
+    """Checkpoint I/O builds no model: it returns config + state + extra."""
+    from freeanchor.models.weights import Checkpoint, read_checkpoint
+
+    path = save_model(small_model, tmp_path / "m.safetensors", extra={"cat_ids": [1, 2, 3]})
+    ckpt = read_checkpoint(path)
+    assert isinstance(ckpt, Checkpoint) and ckpt.cfg == small_model.cfg
+    assert ckpt.extra == {"cat_ids": [1, 2, 3]} and set(ckpt.state) == set(small_model.state_dict())
+    model = FreeAnchor.from_checkpoint(ckpt)
+    for k, v in small_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    ckpt.state.pop(next(iter(ckpt.state)))
+    with pytest.raises(CheckpointError, match="missing key"):
+        FreeAnchor.from_checkpoint(ckpt)
