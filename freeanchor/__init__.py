@@ -1,11 +1,15 @@
 """freeanchor: the FreeAnchor detector (NeurIPS 2019) on PyTorch, MMDetection-exact."""
 
 from freeanchor.config import Config, ModelConfig, preset
+from freeanchor.errors import FreeAnchorError
 from freeanchor.models.loss import FreeAnchorLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "FreeAnchorLoss", "ModelConfig", "__version__", "preset"]
+__all__ = [
+    "Config", "FreeAnchor", "FreeAnchorError", "FreeAnchorLoss", "ModelConfig", "Pipeline",
+    "Results", "__version__", "build_model", "load_model", "preset",
+]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -22,4 +26,8 @@ def __getattr__(name: str):
         from freeanchor.results import Results
 
         return Results
+    if name == "Pipeline":
+        from freeanchor.inference import Pipeline
+
+        return Pipeline
     raise AttributeError(name)

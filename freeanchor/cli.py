@@ -7,7 +7,6 @@
     freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
     freeanchor convert SRC.pth DST
     freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
-    freeanchor config [--model M] [--config FILE] [--set A.B=V ...] [--json]
 
 Many GPUs / machines: `torchrun --nproc-per-node 8 -m freeanchor train ...` (see README).
 A user's mistake (bad file, bad record, bad option) ends with one line on stderr and exit code 2.
@@ -20,10 +19,21 @@ import sys
 from collections.abc import Sequence
 
 from freeanchor.config import PRESETS
+from freeanchor.errors import FreeAnchorError
+
+UserError = FreeAnchorError  # the old name
+_MAX_PIXELS = 89_478_485  # = freeanchor.data.io.DEFAULT_MAX_PIXELS (Pillow's); not imported:
+# the parser must not pull in torch
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
+def _max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=_MAX_PIXELS,
+        help="refuse images with more pixels, from the header before decoding "
+        f"(default {_MAX_PIXELS:,}, Pillow's decompression-bomb limit; 0 = no limit)",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +92,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["faster", "pycocotools"], default="faster")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
+    _max_pixels(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
 
 
@@ -97,6 +108,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="also write images with boxes drawn")
     p.add_argument("--ann", help="COCO JSON whose image ids (matched by file name) to use")
+    _max_pixels(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
 
 
@@ -147,25 +159,6 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 
-def _add_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "config", help="print the resolved config: each field's value, default, meaning"
-    )
-    p.add_argument(
-        "--model", choices=sorted(PRESETS), help="preset (default r50; replaces --config's model)"
-    )
-    p.add_argument("--config", help="a saved config.json to start from")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="A.B=VALUE",
-        help="override a field, as in train",
-    )
-    p.add_argument("--json", action="store_true", help="print the config as JSON (for --config)")
-    p.set_defaults(func=lambda a: _lazy("freeanchor.tools.config_info", "run_config")(a))
-
-
 def _lazy(module: str, name: str):
     import importlib
 
@@ -176,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
-                _add_benchmark, _add_config):  # fmt: skip
+                _add_benchmark):  # fmt: skip
         add(sub)
     return parser
 
@@ -185,10 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as e:
-        # Anything raised for a user's input carries a message naming the file and record.
-        print(f"freeanchor {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except FreeAnchorError as e:
+        # Raised for a user's input: one line naming the file, record or option. Anything
+        # else is a bug in freeanchor and keeps its traceback.
+        lines = str(e).strip().splitlines()
+        message = lines[0] if lines else type(e).__name__
+        print(f"freeanchor {args.command}: error: {message}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"freeanchor {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -10,20 +10,22 @@ Writes to --out:
   80-class COCO model, else label + 1.
 - `images.json`: the index: `images` (id, file_name, width, height, detections), `categories`,
   and the `unreadable` files with the reason.
-- with --save, `images/<name>`: each image with its boxes, class names and scores drawn.
+- with --save, `images/<name>`: each image with its boxes, class names and scores drawn (two
+  sources with one file name get distinct names; nothing is overwritten).
 
-Images stream through in batches: only one batch of images and the compact per-image index are
-held in memory, and detections are appended to the JSON file as they come (written to a
-temporary file, renamed when complete). An unreadable image is reported on one line, counted,
-and skipped. With --onnx the exported graph runs on onnxruntime and the same preprocessing and
-`postprocess` as PyTorch inference turn its outputs into detections.
+Both backends run the one test-time pipeline (`freeanchor.inference`): MMDetection's
+preprocessing, batches of one padded size only (an image's detections do not depend on its
+batch), and the same post-processing. Images stream through: one batch of images and the compact
+per-image index are held in memory, and detections are appended to the JSON file as they come
+(written to a temporary file, renamed when complete). An unusable file (unreadable, not a
+regular file, more than --max-pixels pixels, an aspect ratio too extreme to resize) is reported
+on one line, counted, and skipped; all others are predicted.
 """
 
 from __future__ import annotations
 
-import glob
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,46 +34,20 @@ from torch import Tensor
 
 from freeanchor.config import COCO_CLASSES, ModelConfig
 from freeanchor.data.coco import read_coco_json
-from freeanchor.data.io import IMAGE_SUFFIXES, ImageReadError, read_image
-from freeanchor.data.transforms import ImageMeta, normalize, preprocess, rescale_size, resize
+from freeanchor.data.io import DEFAULT_MAX_PIXELS
+from freeanchor.data.transforms import ImageMeta
 from freeanchor.engine.dist import resolve_device
+from freeanchor.errors import CheckpointError, DatasetError, MissingFileError, OptionError
 from freeanchor.files import JsonArrayWriter, write_json
+from freeanchor.inference import Pipeline, Skipped, expand_sources
+
+__all__ = ["COCO_CAT_IDS", "OnnxBackend", "TorchBackend", "category_ids", "expand_sources"]
 
 # COCO's 80 category ids (1..90 with gaps), label i <-> COCO_CAT_IDS[i].
 COCO_CAT_IDS: tuple[int, ...] = tuple(
     i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 )
 _SAVE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def expand_sources(sources: Sequence[str]) -> list[Path]:
-    """Files, folders (their images, not recursive) and globs -> sorted unique image paths.
-
-    A file named explicitly is kept whatever its suffix (it is reported if unreadable); folders
-    and globs contribute files with an image suffix (`IMAGE_SUFFIXES`).
-
-    Raises:
-        FileNotFoundError: a source that is not a file, a folder or a glob matching something.
-    """
-    found: set[Path] = set()
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            hits = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        elif path.is_file():
-            hits = [path]
-        elif glob.has_magic(src):
-            hits = [
-                Path(p)
-                for p in glob.glob(src, recursive=True)
-                if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES
-            ]
-        else:
-            raise FileNotFoundError(f"{src}: no such file or folder")
-        if not hits:
-            raise FileNotFoundError(f"{src}: no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
-        found.update(hits)
-    return sorted(found)
 
 
 def category_ids(cfg: ModelConfig, extra: dict[str, Any]) -> list[int]:
@@ -91,7 +67,10 @@ def category_ids(cfg: ModelConfig, extra: dict[str, Any]) -> list[int]:
 
 
 class TorchBackend:
-    """A checkpoint run with PyTorch: `FreeAnchor.detect` on `preprocess`ed batches."""
+    """A checkpoint run with PyTorch: `FreeAnchor.detect` on the pipeline's batches."""
+
+    fixed_size = None
+    batch_limit = None
 
     def __init__(self, weights: str, device: str) -> None:
         from freeanchor.models.weights import load_model
@@ -99,18 +78,16 @@ class TorchBackend:
         self.device = resolve_device(device)
         self.model = load_model(weights, self.device).eval()
         self.cfg, self.extra = self.model.cfg, dict(self.model.extra)
-        self.batch_limit = None
 
     @torch.inference_mode()
-    def detect(self, images: list[Tensor], score_thr: float) -> list[dict[str, Tensor]]:
-        cfg = self.cfg
-        batch, metas = preprocess(images, cfg.input_scale, cfg.mean, cfg.std, cfg.size_divisor)
-        dets = self.model.detect(batch.to(self.device), metas, rescale=True, score_thr=score_thr)
-        return [{k: v.cpu() for k, v in d.items()} for d in dets]
+    def detect(
+        self, batch: Tensor, metas: list[ImageMeta], score_thr: float | None
+    ) -> list[dict[str, Tensor]]:
+        return self.model.detect(batch.to(self.device), metas, rescale=True, score_thr=score_thr)
 
 
 class OnnxBackend:
-    """An exported graph run with onnxruntime; preprocessing and `postprocess` as PyTorch's.
+    """An exported graph run with onnxruntime, between the pipeline's pre- and post-processing.
 
     A graph with a fixed input size gets each image resized as PyTorch would (or, if that does
     not fit, to fit) and padded to exactly that size; a fixed batch size is respected.
@@ -124,87 +101,60 @@ class OnnxBackend:
         from freeanchor.models.box_coder import DeltaXYWHCoder
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: ONNX model not found")
+            raise MissingFileError(f"{path}: ONNX model not found")
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")  # onnxruntime knows if it has a GPU
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
-            raise ValueError(f"{path}: cannot load ONNX model ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"{path}: cannot load ONNX model ({first})") from None
         try:
             self.cfg, self.extra, self.kind = read_metadata(self.session)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise CheckpointError(f"{path}: {e}") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        if self.kind == "nms" and "rescale" not in inputs:
+            raise CheckpointError(
+                f"{path}: a with-NMS graph of an older freeanchor (inputs {inputs}); export it "
+                "again with `freeanchor export --with-nms`"
+            )
         shape = self.session.get_inputs()[0].shape  # [N, 3, H, W]; str/None = dynamic
         self.batch_limit = shape[0] if isinstance(shape[0], int) else None
-        self.fixed_hw = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None
+        self.fixed_size = tuple(shape[2:]) if all(isinstance(v, int) for v in shape[2:]) else None
         cfg = self.cfg
         self.anchor_generator = AnchorGenerator(
             cfg.strides, cfg.ratios, cfg.octave_base_scale, cfg.scales_per_octave
         )
         self.coder = DeltaXYWHCoder(cfg.target_stds)
-        self._anchors: dict[tuple, list[Tensor]] = {}
 
-    def _preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[ImageMeta]]:
-        cfg = self.cfg
-        if self.fixed_hw is None:
-            return preprocess(images, cfg.input_scale, cfg.mean, cfg.std, cfg.size_divisor)
-        fh, fw = self.fixed_hw
-        batch = torch.zeros((len(images), 3, fh, fw))
-        metas = []
-        for i, image in enumerate(images):
-            h, w = image.shape[-2:]
-            new_w, new_h = rescale_size(w, h, cfg.input_scale)
-            if new_w > fw or new_h > fh:  # PyTorch's size does not fit the graph: fit inside
-                f = min(fw / w, fh / h)
-                new_w, new_h = min(int(w * f + 0.5), fw), min(int(h * f + 0.5), fh)
-            batch[i, :, :new_h, :new_w] = normalize(
-                resize(image, (new_w, new_h)), cfg.mean, cfg.std
-            )
-            metas.append(ImageMeta((h, w), (new_h, new_w), (new_w / w, new_h / h)))
-        return batch, metas
+    def detect(
+        self, batch: Tensor, metas: list[ImageMeta], score_thr: float | None
+    ) -> list[dict[str, Tensor]]:
+        from freeanchor.models.postprocess import decode_outputs, rescale_factors
 
-    def detect(self, images: list[Tensor], score_thr: float) -> list[dict[str, Tensor]]:
-        from freeanchor.models.postprocess import postprocess
-
-        cfg = self.cfg
-        batch, metas = self._preprocess(images)
         feeds = {"images": batch.numpy()}
         if self.kind == "nms":
             hw = [[float(m.img_shape[0]), float(m.img_shape[1])] for m in metas]
             feeds["img_hw"] = torch.tensor(hw).numpy()
+            feeds["rescale"] = rescale_factors(metas, True).numpy()
             boxes, scores, labels, num = (
                 torch.from_numpy(o) for o in self.session.run(None, feeds)
             )
-            return [
-                _nms_graph_result(boxes[i], scores[i], labels[i], int(num[i]), m, score_thr)
-                for i, m in enumerate(metas)
-            ]
+            thr = self.cfg.score_thr if score_thr is None else score_thr
+            out = []
+            for i, n in enumerate(num.tolist()):
+                keep = scores[i, :n] > thr
+                out.append({"boxes": boxes[i, :n][keep], "scores": scores[i, :n][keep],
+                            "labels": labels[i, :n][keep].long()})  # fmt: skip
+            return out
         outs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
-        levels = len(cfg.strides)
-        cls_scores, bbox_preds = outs[:levels], outs[levels:]
-        sizes = tuple(tuple(s.shape[-2:]) for s in cls_scores)
-        if sizes not in self._anchors:
-            self._anchors[sizes] = self.anchor_generator.grid_anchors(sizes)
-        return postprocess(
-            cls_scores, bbox_preds, self._anchors[sizes], metas, self.coder, rescale=True,
-            score_thr=score_thr, nms_pre=cfg.nms_pre, nms_iou=cfg.nms_iou,
-            max_per_img=cfg.max_per_img,
+        levels = len(self.cfg.strides)
+        return decode_outputs(
+            outs[:levels], outs[levels:], metas, self.anchor_generator, self.coder, self.cfg,
+            score_thr=score_thr,
         )  # fmt: skip
-
-
-def _nms_graph_result(
-    boxes: Tensor, scores: Tensor, labels: Tensor, num: int, meta: ImageMeta, score_thr: float
-) -> dict[str, Tensor]:
-    """The first `num` rows of a with-NMS graph's output, thresholded and rescaled."""
-    keep = scores[:num] > score_thr
-    inv = torch.tensor([1 / meta.scale_factor[0], 1 / meta.scale_factor[1]] * 2)
-    return {
-        "boxes": boxes[:num][keep] * inv,
-        "scores": scores[:num][keep],
-        "labels": labels[:num][keep].long(),
-    }
 
 
 # ----------------------------------------------------------------------------- output
@@ -219,23 +169,37 @@ def _gt_image_ids(ann: str) -> dict[str, int]:
             out[str(im["file_name"])] = int(im["id"])
             out.setdefault(Path(str(im["file_name"])).name, int(im["id"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{ann}: images need an id and a file_name ({e!r})") from None
+        raise DatasetError(f"{ann}: images need an id and a file_name ({e!r})") from None
     return out
 
 
-def _batches(
-    paths: list[Path], size: int, bad: list[dict[str, str]], log
-) -> Iterator[list[tuple[int, Path, Tensor]]]:
-    """Batches of (index, path, image) with unreadable files reported, recorded and left out."""
-    for start in range(0, len(paths), size):
-        batch = []
-        for i, path in enumerate(paths[start : start + size], start):
-            try:
-                batch.append((i, path, read_image(path)))
-            except ImageReadError as e:
-                bad.append({"file_name": str(path), "error": str(e)})
-                log(f"skipped unreadable image {e}")
-        yield batch
+def _image_ids(paths: Sequence[Path], gt_ids: dict[str, int] | None) -> tuple[list[int], int]:
+    """An id per source: the annotation file's (full path, else an unused base name), else
+    new ids above its largest (or 1, 2, ... by position). Returns (ids, number unmatched)."""
+    if gt_ids is None:
+        return [i + 1 for i in range(len(paths))], 0
+    next_id, used, ids, unmatched = max(gt_ids.values(), default=0) + 1, set(), [], 0
+    for path in paths:
+        image_id = gt_ids.get(str(path))
+        if image_id is None or image_id in used:
+            image_id = gt_ids.get(path.name)
+        if image_id is None or image_id in used:  # two sources with one name: one gets it
+            image_id, next_id, unmatched = next_id, next_id + 1, unmatched + 1
+        used.add(image_id)
+        ids.append(image_id)
+    return ids, unmatched
+
+
+def _save_name(path: Path, image_id: int, used: set[str]) -> str:
+    """File name for the drawn image: the source's (lossless suffix kept), unique in --out."""
+    suffix = path.suffix.lower() if path.suffix.lower() in _SAVE_SUFFIXES else ".png"
+    name, n = f"{path.stem}{suffix}", 0
+    while name in used:
+        n += 1
+        tail = f"_{image_id}" if n == 1 else f"_{image_id}_{n}"
+        name = f"{path.stem}{tail}{suffix}"
+    used.add(name)
+    return name
 
 
 def run_predict(args) -> int:
@@ -246,7 +210,10 @@ def run_predict(args) -> int:
 
     paths = expand_sources(args.sources)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+    max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
+    if max_pixels is not None and max_pixels < 0:
+        raise OptionError(f"--max-pixels must be >= 0 (0 = no limit), got {max_pixels}")
     backend = (
         OnnxBackend(args.onnx, args.device)
         if args.onnx
@@ -255,8 +222,10 @@ def run_predict(args) -> int:
     cfg = backend.cfg
     names, cat_ids = cfg.class_names(), category_ids(cfg, backend.extra)
     gt_ids = _gt_image_ids(args.ann) if getattr(args, "ann", None) else None
-    next_id = max(gt_ids.values(), default=0) + 1 if gt_ids else 1
+    image_ids, unmatched = _image_ids(paths, gt_ids)
     batch_size = min(args.batch_size, backend.batch_limit or args.batch_size)
+    pipeline = Pipeline(cfg, backend.detect, batch_size, max_pixels or None,
+                        fixed_size=backend.fixed_size)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vis_dir = out / "images"
@@ -264,50 +233,39 @@ def run_predict(args) -> int:
     index: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
     saved_names: set[str] = set()
-    unmatched = 0
     writer = JsonArrayWriter(out / "predictions.json")
     bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, mininterval=1.0)
     try:
-        for batch in _batches(paths, batch_size, bad, lambda m: tqdm.write(m, file=sys.stderr)):
-            bar.update(min(batch_size, len(paths) - bar.n))
-            if not batch:
+        for result in pipeline.run(paths, args.score_thr):
+            bar.update(1)
+            path = paths[result.index]
+            if isinstance(result, Skipped):
+                bad.append({"file_name": str(path), "error": result.message})
+                tqdm.write(f"skipped unreadable image {result.message}", file=sys.stderr)
                 continue
-            dets = backend.detect([image for _, _, image in batch], args.score_thr)
-            for (_, path, image), det in zip(batch, dets):
-                image_id = None
-                if gt_ids is not None:
-                    image_id = gt_ids.get(str(path)) or gt_ids.get(path.name)
-                    unmatched += image_id is None
-                if image_id is None:
-                    image_id, next_id = next_id, next_id + 1
-                boxes, scores = det["boxes"].tolist(), det["scores"].tolist()
-                labels = det["labels"].tolist()
-                for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels):
-                    writer.write(
-                        {
-                            "image_id": image_id,
-                            "category_id": cat_ids[label],
-                            "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
-                            "score": round(score, 5),
-                            "category_name": names[label],
-                        }
-                    )
-                h, w = image.shape[-2:]
-                index.append(
+            image_id = image_ids[result.index]
+            boxes, scores = result.boxes.tolist(), result.scores.tolist()
+            labels = result.labels.tolist()
+            for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels):
+                writer.write(
                     {
-                        "id": image_id,
-                        "file_name": str(path),
-                        "width": int(w),
-                        "height": int(h),
-                        "detections": len(scores),
-                    }  # fmt: skip
+                        "image_id": image_id,
+                        "category_id": cat_ids[label],
+                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                        "score": round(score, 5),
+                        "category_name": names[label],
+                    }
                 )
-                if args.save:
-                    result = Results(
-                        det["boxes"], det["scores"], det["labels"], [names[i] for i in labels],
-                        str(path), (int(h), int(w)), image,
-                    )  # fmt: skip
-                    result.save(vis_dir / _save_name(path, image_id, saved_names))
+            h, w = result.meta.ori_shape
+            index.append({"id": image_id, "file_name": str(path), "width": int(w),
+                          "height": int(h), "detections": len(scores),
+                          "_order": result.index})  # fmt: skip
+            if args.save:
+                drawn = Results(
+                    result.boxes, result.scores, result.labels, [names[i] for i in labels],
+                    str(path), (int(h), int(w)), result.image,
+                )  # fmt: skip
+                drawn.save(vis_dir / _save_name(path, image_id, saved_names))
         writer.close()
     except BaseException:
         writer.abort()
@@ -315,11 +273,13 @@ def run_predict(args) -> int:
     finally:
         bar.close()
 
+    index.sort(key=lambda im: im.pop("_order"))
+    bad.sort(key=lambda b: b["file_name"])
     categories = [{"id": c, "name": n} for c, n in zip(cat_ids, names)]
     index_doc = {"images": index, "categories": categories, "unreadable": bad}
     write_json(out / "images.json", index_doc, indent=1)
     if not index:
-        raise ValueError(f"none of the {len(paths)} images could be read (reasons above)")
+        raise DatasetError(f"none of the {len(paths)} images could be read (reasons above)")
     print(
         f"predicted {len(index)} images: {writer.count} detections with score > {args.score_thr}"
         f" -> {out / 'predictions.json'} (index: {out / 'images.json'})"
@@ -330,13 +290,3 @@ def run_predict(args) -> int:
     if bad:
         print(f"{len(bad)} of {len(paths)} images were unreadable and skipped (listed above)")
     return 0
-
-
-def _save_name(path: Path, image_id: int, used: set[str]) -> str:
-    """File name for the drawn image: the source's (lossless suffix kept), unique in --out."""
-    suffix = path.suffix.lower() if path.suffix.lower() in _SAVE_SUFFIXES else ".png"
-    name = f"{path.stem}{suffix}"
-    if name in used:
-        name = f"{path.stem}_{image_id}{suffix}"
-    used.add(name)
-    return name

@@ -186,3 +186,65 @@ def test_category_id_fallbacks():
     three = ModelConfig(backbone="resnet18", num_classes=3)
     assert category_ids(three, {}) == [1, 2, 3]
     assert category_ids(three, {"cat_ids": [5, 6, 9]}) == [5, 6, 9]
+
+
+def test_hostile_images_are_skipped_one_line_each_and_the_rest_predicted(setup, tmp_path):
+    """Bomb, extreme aspect, text named .jpg, FIFO, symlink loop: one line each, counted;
+    1x1 and animated GIF predicted; an alias predicted once; same file names both drawn."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.data.test_io import write_png_bomb
+
+    _, data, _, weights = setup
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    good = Image.open(data.val_images / "val_000001.png")
+    good.save(a / "same.png")
+    Image.open(data.val_images / "val_000002.png").save(b / "same.png")  # same name, other image
+    good.convert("RGB").save(a / "photo.jpg", quality=90)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(a / "dot.png")
+    frames = [good.convert("RGB"), Image.new("RGB", good.size, (0, 0, 0))]
+    frames[0].save(a / "anim.gif", save_all=True, append_images=frames[1:], duration=40)
+    write_png_bomb(a / "bomb.png")
+    Image.new("L", (20000, 2)).save(a / "line.png")
+    (a / "text.jpg").write_text("not a picture")
+    os.mkfifo(a / "fifo.jpg")
+    os.symlink("loop.jpg", a / "loop.jpg")
+    os.symlink("same.png", a / "alias.png")
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "freeanchor", "predict", "--weights", str(weights), str(a), str(b),
+         "--out", str(out), "--save", "--score-thr", "0.05", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    reasons = {
+        "bomb.png": "900,000,000 pixels, more than the limit",
+        "line.png": "short side rounds to 0",
+        "text.jpg": "not an image",
+        "fifo.jpg": "FIFO",
+        "loop.jpg": "symlink loop",
+    }
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped")]
+    assert len(lines) == len(reasons), proc.stderr
+    for name, reason in reasons.items():
+        (line,) = [ln for ln in lines if f"{a / name}:" in ln]
+        assert reason in line
+    assert "5 of 10 images were unreadable and skipped" in proc.stdout
+    index = json.loads((out / "images.json").read_text())
+    predicted = sorted(
+        Path(i["file_name"]).relative_to(tmp_path).as_posix() for i in index["images"]
+    )
+    assert predicted == ["a/anim.gif", "a/dot.png", "a/photo.jpg", "a/same.png", "b/same.png"]
+    assert sorted(u["file_name"] for u in index["unreadable"]) == sorted(
+        str(a / n) for n in reasons
+    )
+    assert len({i["id"] for i in index["images"]}) == 5
+    drawn = sorted(p.name for p in (out / "images").iterdir())
+    assert len(drawn) == 5 and "same.png" in drawn and any(n.startswith("same_") for n in drawn)
+    dot = next(i for i in index["images"] if i["file_name"].endswith("dot.png"))
+    assert (dot["width"], dot["height"]) == (1, 1)

@@ -1,19 +1,23 @@
 """Dataset, collate and batch samplers for training and evaluation (spec 3.1).
 
-Training sample: read -> keep-ratio resize (MMDetection rounding; optional random short side)
--> boxes scaled per axis and clipped -> horizontal flip with prob `flip_prob` -> normalise.
+Training sample: read -> keep-ratio resize (MMDetection rounding and OpenCV's bytes; optional
+random short side) -> boxes scaled per axis and clipped -> horizontal flip with prob `flip_prob`
+-> normalise. Evaluation sample: `freeanchor.inference.preprocess`, the test-time pipeline's own
+step, so `eval` and `predict` feed the network identical tensors; the eval sampler batches only
+images of one padded size (`inference.group_batches`), so no image is padded for a neighbour.
 Padding to `size_divisor` happens in `collate`. All randomness of sample `i` in epoch `e`
 comes from its own generator seeded by (seed, e, i), so a run is reproducible and resumes
 exactly whatever the number of workers or processes.
 
 The batch samplers yield lists of `(index, epoch)` keys: the epoch travels with the index, so
-persistent workers need no epoch hook. Unreadable images become `SkippedSample`s that
-`collate` drops; their messages ride along in `Batch.skipped` for the engine to count.
+persistent workers need no epoch hook. Unusable images (unreadable, more than `max_pixels`,
+an aspect ratio that leaves a side of 0 pixels, a size other than the annotated one) become
+`SkippedSample`s that `collate` drops; their messages ride along in `Batch.skipped` for the
+engine to count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -26,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from freeanchor.config import DataConfig, ModelConfig
 from freeanchor.data.coco import ImageRecord
-from freeanchor.data.io import ImageReadError, read_image
+from freeanchor.data.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from freeanchor.data.transforms import (
     ImageMeta,
+    check_resizable,
     hflip,
     normalize,
     pad_batch,
@@ -36,6 +41,8 @@ from freeanchor.data.transforms import (
     resize,
     resize_boxes,
 )
+from freeanchor.errors import OptionError
+from freeanchor.inference import group_batches, input_size, preprocess
 
 Key = tuple[int, int]  # (dataset index, epoch)
 
@@ -83,22 +90,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run with one intra-op thread, as DataLoader workers always do.
-
-    The CPU bilinear kernel's float result depends on how the work is split over threads (last
-    ulp), which flips rare x.5 pixels after rounding to uint8; pinning one thread keeps a sample
-    bitwise identical with or without workers. Only the synchronous workers=0 path switches.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 class DetectionDataset(Dataset):
     """Records -> `Sample`s (or `SkippedSample` for an unreadable image).
 
@@ -112,9 +103,11 @@ class DetectionDataset(Dataset):
         data_cfg: DataConfig,
         train: bool,
         seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.records = list(records)
         self.cfg, self.data_cfg, self.train, self.seed = cfg, data_cfg, train, seed
+        self.max_pixels = max_pixels
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -128,7 +121,7 @@ class DetectionDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         rec = self.records[index]
         try:
-            image = read_image(rec.path)
+            image = read_image(rec.path, self.max_pixels)
         except ImageReadError as e:
             return SkippedSample(rec.image_id, f"image id {rec.image_id}: {e}")
         h, w = int(image.shape[1]), int(image.shape[2])
@@ -139,18 +132,26 @@ class DetectionDataset(Dataset):
                 f"image id {rec.image_id}: {rec.path}: decoded size {w}x{h} differs from the "
                 f"annotated {rec.width}x{rec.height}",
             )
+        if not self.train:  # the test-time pipeline's own step
+            try:
+                tensor, meta = preprocess(image, self.cfg, str(rec.path))
+            except ImageReadError as e:
+                return SkippedSample(rec.image_id, f"image id {rec.image_id}: {e}")
+            boxes = resize_boxes(rec.boxes, (w, h), meta.img_shape[::-1])
+            return Sample(tensor, boxes, rec.labels.clone(), meta, rec.image_id)
         scale = tuple(self.cfg.input_scale)
-        flip = False
-        if self.train:
-            gen = sample_generator(self.seed, epoch, index)
-            shorts = self.data_cfg.multiscale_short
-            pick = int(torch.randint(max(len(shorts), 1), (1,), generator=gen))
-            flip = bool(torch.rand((), generator=gen) < self.data_cfg.flip_prob)
-            if shorts:
-                scale = (max(self.cfg.input_scale), shorts[pick])
+        gen = sample_generator(self.seed, epoch, index)
+        shorts = self.data_cfg.multiscale_short
+        pick = int(torch.randint(max(len(shorts), 1), (1,), generator=gen))
+        flip = bool(torch.rand((), generator=gen) < self.data_cfg.flip_prob)
+        if shorts:
+            scale = (max(self.cfg.input_scale), shorts[pick])
+        try:
+            check_resizable(w, h, scale, str(rec.path))
+        except ImageReadError as e:
+            return SkippedSample(rec.image_id, f"image id {rec.image_id}: {e}")
         new_w, new_h = rescale_size(w, h, scale)
-        with _one_thread():
-            image = resize(image, (new_w, new_h))
+        image = resize(image, (new_w, new_h))
         boxes = resize_boxes(rec.boxes, (w, h), (new_w, new_h))
         if flip:
             image, boxes = hflip(image, boxes)
@@ -199,7 +200,9 @@ class GroupedBatchSampler(Sampler[list[Key]]):
         drop_last: bool = False,
     ) -> None:
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler setup: batch_size={batch_size} rank={rank}/{world_size}")
+            raise OptionError(
+                f"bad sampler setup: batch_size={batch_size} rank={rank}/{world_size}"
+            )
         self.landscape = torch.tensor(list(landscape), dtype=torch.bool)
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -255,21 +258,36 @@ class GroupedBatchSampler(Sampler[list[Key]]):
 
 
 class EvalBatchSampler(Sampler[list[Key]]):
-    """Sequential batches of this rank's strided share (indices r, r + W, ...); no padding,
-    so every image is evaluated exactly once over all ranks."""
+    """Batches of this rank's strided share (indices r, r + W, ...); no padding, so every image
+    is evaluated exactly once over all ranks.
 
-    def __init__(self, size: int, batch_size: int = 1, rank: int = 0, world_size: int = 1):
+    With `keys` (one per record, e.g. its padded network input size), a batch holds only records
+    of one key, so no image is padded to a neighbour's size: its detections are those it would
+    get alone. Batches follow the first appearance of each key, records in order.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        keys: Sequence | None = None,
+    ):
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler setup: batch_size={batch_size} rank={rank}/{world_size}")
-        self.indices = list(range(rank, size, world_size))
-        self.batch_size = batch_size
+            raise OptionError(
+                f"bad sampler setup: batch_size={batch_size} rank={rank}/{world_size}"
+            )
+        indices = list(range(rank, size, world_size))
+        share = [0] * len(indices) if keys is None else [keys[i] for i in indices]
+        self.batches = [[indices[j] for j in b] for b in group_batches(share, batch_size)]
 
     def __iter__(self) -> Iterator[list[Key]]:
-        for start in range(0, len(self.indices), self.batch_size):
-            yield [(i, 0) for i in self.indices[start : start + self.batch_size]]
+        for batch in self.batches:
+            yield [(i, 0) for i in batch]
 
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return len(self.batches)
 
 
 def _loader(
@@ -324,9 +342,18 @@ def build_eval_loader(
     world_size: int = 1,
     workers: int | None = None,
     pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DataLoader:
-    """Evaluation loader: in record order, no flip; rank r sees records r, r + W, ..."""
-    dataset = DetectionDataset(records, cfg, data_cfg, train=False)
-    sampler = EvalBatchSampler(len(dataset), batch_size, rank, world_size)
+    """Evaluation loader: no flip; rank r sees records r, r + W, ..., batched by padded size
+    (from the annotated sizes; see `EvalBatchSampler`)."""
+    dataset = DetectionDataset(records, cfg, data_cfg, train=False, max_pixels=max_pixels)
+    keys = []
+    for r in dataset.records:
+        try:
+            check_resizable(r.width, r.height, cfg.input_scale)
+            keys.append(input_size(r.width, r.height, cfg))
+        except ImageReadError:
+            keys.append(None)  # alone; the dataset reports it
+    sampler = EvalBatchSampler(len(dataset), batch_size, rank, world_size, keys)
     n = data_cfg.workers if workers is None else workers
     return _loader(dataset, sampler, cfg, n, pin_memory)

@@ -5,8 +5,11 @@
     torchrun --nproc-per-node 8 -m freeanchor eval ...   # each process scores a share
 
 Each process detects on its share of the images (rank r: images r, r + W, ...); rank 0 gathers
-everything and scores it. Inference runs in float32 with the model's test settings (spec 2.6).
-Unreadable images are counted, reported and left out of the scored image set.
+everything and scores it. Inference runs in float32 with the model's test settings (spec 2.6),
+through the test-time pipeline's steps (`freeanchor.inference`: MMDetection's preprocessing,
+batches of one padded size, so `eval` and `predict` see identical inputs and detections).
+Unusable images (unreadable, more than --max-pixels, a side that would round to 0) are counted,
+reported and left out of the scored image set.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 import torch
 
 from freeanchor.config import DataConfig
+from freeanchor.data.io import DEFAULT_MAX_PIXELS
 from freeanchor.engine import dist
+from freeanchor.errors import DatasetError, OptionError
 from freeanchor.files import write_text
 
 
@@ -91,14 +96,19 @@ def run_eval(args) -> int:
         data = load_coco(args.ann, args.images, train=False)
         cat_ids = list(getattr(model, "extra", {}).get("cat_ids") or data.cat_ids)
         if len(cat_ids) != model.cfg.num_classes:
-            raise ValueError(
+            raise DatasetError(
                 f"{args.weights}: the model has {model.cfg.num_classes} classes but {args.ann} "
                 f"has {len(cat_ids)} categories"
             )
         evaluator = COCOEvaluator(args.ann, args.backend, cat_ids) if info.is_main else None
+        max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
+        if max_pixels is not None and max_pixels < 0:
+            raise OptionError(f"--max-pixels must be >= 0 (0 = no limit), got {max_pixels}")
+        if args.batch_size < 1:
+            raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
         loader = build_eval_loader(
             data.records, model.cfg, DataConfig(workers=args.workers), args.batch_size,
-            info.rank, info.world_size,
+            info.rank, info.world_size, max_pixels=max_pixels or None,
         )  # fmt: skip
         out = Path(args.out) if args.out else None
         metrics = evaluate(model, loader, evaluator, device, out / "results.json" if out else None)

@@ -6,9 +6,11 @@ same run, and the ratios.
     freeanchor benchmark --model freeanchor_r50_fpn_1x_coco --size 1216x800 --compare torchvision
     freeanchor benchmark --device cuda --dtype bf16 --batch-size 16 --train --compare torchvision
 
-End to end = uint8 images -> normalise + pad -> network -> decode + NMS (the images already have
-the benchmark size, so there is no resize). Peak memory: CUDA max_memory_allocated on a GPU;
-on the CPU the peak resident set of the phase above its start (Linux VmHWM).
+End to end = the test-time pipeline (`freeanchor.inference.Pipeline`) on uint8 images: resize
+(a no-op: the images already have the benchmark size and the pipeline's scale is set to it) ->
+normalise -> pad -> network -> decode + NMS -> rescale (the images start on the CPU, for both
+models). Peak memory: CUDA max_memory_allocated on a GPU; on the CPU the peak resident set of
+the phase above its start (Linux VmHWM).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freeanchor.data.transforms import ImageMeta, normalize, pad_batch
+from freeanchor.data.transforms import normalize, pad_batch
+from freeanchor.errors import OptionError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -128,8 +131,7 @@ def _measure(
     )
     g = torch.Generator().manual_seed(0)
     raw = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(n)]
-    raw = [im.to(device) for im in raw]
-    batch = pad_batch([normalize(im) for im in raw])
+    batch = pad_batch([normalize(im) for im in raw]).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     batch = batch.contiguous(memory_format=fmt)
     m = Measurement(name)
@@ -160,8 +162,11 @@ def _measure(
 
 
 def _ours(args, device: torch.device) -> Measurement:
+    import dataclasses
+
+    from freeanchor.inference import Pipeline
     from freeanchor.models.detector import build_model
-    from freeanchor.models.postprocess import postprocess
+    from freeanchor.models.postprocess import decode_outputs
     from freeanchor.models.weights import load_model
 
     model = load_model(args.weights, device) if args.weights else build_model(args.model)
@@ -171,19 +176,21 @@ def _ours(args, device: torch.device) -> Measurement:
     forward = torch.compile(model) if args.compile else model
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    def end_to_end(raw: list[torch.Tensor]):
-        batch = pad_batch([normalize(im) for im in raw], model.cfg.size_divisor)
-        batch = batch.contiguous(memory_format=fmt)
-        shape = tuple(raw[0].shape[-2:])
-        metas = [ImageMeta(shape, shape, (1.0, 1.0)) for _ in raw]
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    # The pipeline's scale = the benchmark size, so its resize keeps the images as they are.
+    cfg = dataclasses.replace(model.cfg, input_scale=(max(w, h), min(w, h)))
+
+    def detect(batch, metas, score_thr):
+        batch = batch.to(device).contiguous(memory_format=fmt)
         cls_scores, bbox_preds = forward(batch)
-        sizes = [tuple(s.shape[-2:]) for s in cls_scores]
-        anchors = model.anchors(sizes, batch.device)
-        cfg = model.cfg
-        return postprocess(
-            cls_scores, bbox_preds, anchors, metas, model.box_coder, score_thr=cfg.score_thr,
-            nms_pre=cfg.nms_pre, nms_iou=cfg.nms_iou, max_per_img=cfg.max_per_img,
-        )  # fmt: skip
+        return decode_outputs(
+            cls_scores, bbox_preds, metas, model.anchor_generator, model.box_coder, cfg, score_thr
+        )
+
+    pipeline = Pipeline(cfg, detect, batch_size=args.batch_size)
+
+    def end_to_end(raw: list[torch.Tensor]):
+        return list(pipeline.run(raw))
 
     def train_loss(batch, boxes, labels):
         return sum(model.loss(batch, boxes, labels).values())
@@ -208,7 +215,7 @@ def _torchvision(args, device: torch.device) -> Measurement:
         return tv.head(feats)
 
     def end_to_end(raw):
-        return tv([im.float() / 255 for im in raw])
+        return tv([im.to(device).float() / 255 for im in raw])
 
     def train_loss(batch, boxes, labels):
         images = [im for im in batch]
@@ -220,7 +227,7 @@ def _torchvision(args, device: torch.device) -> Measurement:
 
 def run_benchmark(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise OptionError("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     results = [_ours(args, device)]
