@@ -23,45 +23,49 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from freeanchor.config import Config, load_config, resolve_config, save_config
+from freeanchor.config import Config, apply_override, load_config, preset, save_config
 from freeanchor.engine import dist
 
+DEFAULT_MODEL = "freeanchor_r50_fpn_1x_coco"
 DEFAULT_WORK_DIR = "work_dirs/run"
 
-# option -> the config field it sets
+# flag name -> (config section, field)
 _FLAGS = {
-    "--train-ann": "data.train_ann",
-    "--train-images": "data.train_images",
-    "--val-ann": "data.val_ann",
-    "--val-images": "data.val_images",
-    "--epochs": "train.epochs",
-    "--batch-size": "train.batch_size",
-    "--lr": "train.lr",
-    "--amp": "train.amp",
-    "--pretrained": "train.pretrained",
-    "--work-dir": "work_dir",
-    "--device": "device",
+    "train_ann": ("data", "train_ann"),
+    "train_images": ("data", "train_images"),
+    "val_ann": ("data", "val_ann"),
+    "val_images": ("data", "val_images"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "amp": ("train", "amp"),
+    "pretrained": ("train", "pretrained"),
 }
 
 
 def build_config(args) -> Config:
-    """The run's Config from the command line (see the module docstring for the order).
-
-    Every value is checked where it is set; a bad one is a ConfigError / OptionError naming
-    the option or the field (the CLI prints it as one line, exit code 2).
-    """
+    """The run's Config from the command line (see the module docstring for the order)."""
     work_dir = getattr(args, "work_dir", None)
     own = Path(work_dir or DEFAULT_WORK_DIR) / "config.json"
-    base = None
     if args.config:
-        base = load_config(args.config)
-    elif getattr(args, "resume", False) and own.is_file():
-        base = load_config(own)
-    flags = {
-        option: (path, getattr(args, option[2:].replace("-", "_"), None))
-        for option, path in _FLAGS.items()
-    }
-    return resolve_config(base, args.model, flags, args.set or [])
+        cfg = load_config(args.config)
+    elif args.resume and own.is_file():
+        cfg = load_config(own)
+    else:
+        cfg = Config(model=preset(args.model or DEFAULT_MODEL))
+    if args.model and (args.config or args.resume):
+        cfg.model = preset(args.model)
+    for flag, (section, name) in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(cfg, section), name, value)
+    if work_dir:
+        cfg.work_dir = work_dir
+    if getattr(args, "device", None):
+        cfg.device = args.device
+    for assignment in args.set or []:
+        apply_override(cfg, assignment)
+    return cfg
 
 
 def save_resolved_config(cfg: Config) -> Path:
