@@ -1,15 +1,16 @@
-"""COCO instances JSON + image folder -> in-memory training/eval records (spec 3.1).
+"""COCO instances JSON + image folder -> in-memory records (spec 3.1).
 
 Labels are the index of the category id in ascending id order, as MMDetection's `cat2label`.
 Annotations are filtered as MMDetection's `CocoDataset.parse_data_info` does (ignore flag,
-no overlap with the image, area <= 0, w < 1 or h < 1); crowd boxes never reach the records
-(MMDetection puts them in an ignore set that FreeAnchor never reads). For training, images
-without any annotation (crowd included) and images with min(w, h) < min_size are dropped, as
-`filter_cfg=dict(filter_empty_gt=True, min_size=32)`. Every drop is counted by reason.
+no overlap with the image, area <= 0, w < 1 or h < 1); crowd boxes are never trained on and
+are kept as the record's `ignore_boxes`. For training, images without any annotation (crowd
+included) and images with min(w, h) < min_size are dropped, as
+`filter_cfg=dict(filter_empty_gt=True, min_size=32)`. Every drop is counted by reason; the
+shared rules are in `freeanchor/data/records.py`.
 
 Malformed input is a `DatasetError` whose one-line message names the file, the record and the
-problem. Image files are not opened here (too slow for 100k images): an unreadable file is a
-counted skip when the loader reads it.
+problem; so is a `file_name` that leads out of the image folder. Image files are not opened
+here (too slow for 100k images): an unreadable file is a counted skip when the loader reads it.
 """
 
 from __future__ import annotations
@@ -17,77 +18,24 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+from freeanchor.data.records import (
+    ANN_REASONS,
+    IMG_REASONS,
+    CocoData,
+    DetectionData,
+    ImageRecord,
+    ImageRoot,
+    box_skip_reason,
+    image_skip_reason,
+    make_record,
+)
+from freeanchor.errors import DatasetError
 
-# Skip reasons, in the order MMDetection applies the checks (a record counts once, first hit).
-ANN_REASONS = {
-    "ann_ignore": "annotations flagged 'ignore'",
-    "ann_outside_image": "boxes not overlapping the image",
-    "ann_area_le_0": "annotations with area <= 0",
-    "ann_w_or_h_lt_1": "boxes with w < 1 or h < 1",
-    "ann_crowd": "crowd boxes",
-}
-IMG_REASONS = {
-    "img_no_annotations": "images without annotations",
-    "img_too_small": "images with min(w, h) < min_size",
-}
-
-
-class DatasetError(ValueError):
-    """Malformed dataset input; the message names the file, the record and the problem."""
-
-
-@dataclass
-class ImageRecord:
-    """One image and its usable (non-crowd, filtered) boxes."""
-
-    image_id: int
-    file_name: str
-    path: Path
-    width: int
-    height: int
-    boxes: Tensor  # [K, 4] float32 xyxy in original-image pixels (not clipped)
-    labels: Tensor  # [K] int64, 0-based contiguous labels
-
-
-@dataclass
-class CocoData:
-    """Records plus the label mapping and the skip counts of one annotation file."""
-
-    ann_file: Path
-    train: bool
-    records: list[ImageRecord]
-    cat_ids: list[int]  # ascending; label i <-> cat_ids[i]
-    class_names: list[str]
-    label_to_cat_id: list[int]
-    cat_id_to_label: dict[int, int]
-    num_images: int  # in the file
-    num_annotations: int  # in the file
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def num_boxes(self) -> int:
-        return sum(int(r.boxes.shape[0]) for r in self.records)
-
-    def summary(self) -> str:
-        """One line: what was read, what is used, and what was skipped and why."""
-        use = "training" if self.train else "evaluation"
-        line = (
-            f"{self.ann_file}: {self.num_images} images, {self.num_annotations} annotations, "
-            f"{len(self.cat_ids)} categories -> {len(self.records)} {use} images with "
-            f"{self.num_boxes} boxes"
-        )
-        parts = [
-            f"{self.skipped[k]} {text}"
-            for k, text in {**IMG_REASONS, **ANN_REASONS}.items()
-            if self.skipped.get(k)
-        ]
-        return line + ("; skipped: " + ", ".join(parts) if parts else "; nothing skipped")
+__all__ = ["ANN_REASONS", "IMG_REASONS", "CocoData", "DatasetError", "ImageRecord", "load_coco",
+           "read_coco_json"]  # fmt: skip
 
 
 def _is_int(v: Any) -> bool:
@@ -176,31 +124,13 @@ def _check_annotation(path: Path, i: int, ann: Any, images: dict, cats: dict) ->
     return [float(v) for v in bbox]
 
 
-def _skip_reason(ann: dict[str, Any], bbox: list[float], img: dict[str, Any]) -> str | None:
-    """MMDetection's annotation filter; None = usable box."""
-    if ann.get("ignore", False):
-        return "ann_ignore"
-    x, y, w, h = bbox
-    inter_w = max(0.0, min(x + w, img["width"]) - max(x, 0.0))
-    inter_h = max(0.0, min(y + h, img["height"]) - max(y, 0.0))
-    if inter_w * inter_h == 0:
-        return "ann_outside_image"
-    # MMDetection reads the stored (segmentation) area; fall back to w*h when a file has none.
-    if ann.get("area", w * h) <= 0:
-        return "ann_area_le_0"
-    if w < 1 or h < 1:
-        return "ann_w_or_h_lt_1"
-    if ann.get("iscrowd", 0):
-        return "ann_crowd"
-    return None
-
-
 def load_coco(
     ann_file: str | Path,
     image_dir: str | Path,
     train: bool,
     min_size: int = 32,
-) -> CocoData:
+    allow_outside_root: bool = False,
+) -> DetectionData:
     """Read a COCO instances file into records (see the module docstring for the rules).
 
     Args:
@@ -208,14 +138,17 @@ def load_coco(
         image_dir: folder the images' `file_name`s are relative to.
         train: apply the training image filter (no annotations, min(w, h) < min_size).
         min_size: smallest allowed image side for training.
+        allow_outside_root: accept `file_name`s that lead out of `image_dir`.
 
     Raises:
-        DatasetError: unreadable or malformed annotation file, or missing image folder.
+        DatasetError: unreadable or malformed annotation file, missing image folder, or a
+            `file_name` outside the image folder.
     """
     path, image_dir = Path(ann_file), Path(image_dir)
     data = read_coco_json(path)
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: image folder not found (for {path})")
+    root = ImageRoot(image_dir, allow_outside_root)
     cat_ids, class_names = _categories(path, data["categories"])
     cat_id_to_label = {c: i for i, c in enumerate(cat_ids)}
     images = _images(path, data["images"])
@@ -223,7 +156,8 @@ def load_coco(
     skipped: Counter[str] = Counter()
     seen_ann: set[int] = set()
     has_ann: set[int] = set()
-    per_image: dict[int, tuple[list[list[float]], list[int]]] = {iid: ([], []) for iid in images}
+    # image id -> (boxes, labels, crowd boxes, crowd labels)
+    per_image: dict[int, tuple[list, list, list, list]] = {iid: ([], [], [], []) for iid in images}
     for i, ann in enumerate(data["annotations"]):
         bbox = _check_annotation(path, i, ann, images, cat_id_to_label)
         if ann["id"] in seen_ann:
@@ -231,43 +165,39 @@ def load_coco(
         seen_ann.add(ann["id"])
         iid = ann["image_id"]
         has_ann.add(iid)
-        reason = _skip_reason(ann, bbox, images[iid])
+        img = images[iid]
+        x, y, w, h = bbox
+        box = [x, y, x + w, y + h]
+        # MMDetection reads the stored (segmentation) area; w*h when a file has none.
+        reason = box_skip_reason(box, img["width"], img["height"], ann.get("area", w * h),
+                                 bool(ann.get("ignore", False)))  # fmt: skip
         if reason is not None:
             skipped[reason] += 1
             continue
-        x, y, w, h = bbox
-        per_image[iid][0].append([x, y, x + w, y + h])
-        per_image[iid][1].append(cat_id_to_label[ann["category_id"]])
+        crowd = bool(ann.get("iscrowd", 0))
+        if crowd:
+            skipped["ann_crowd"] += 1
+        per_image[iid][2 * crowd].append(box)
+        per_image[iid][2 * crowd + 1].append(cat_id_to_label[ann["category_id"]])
 
     records = []
     for iid, img in images.items():  # file order, as MMDetection
         width, height = int(img["width"]), int(img["height"])
-        if train and iid not in has_ann:
-            skipped["img_no_annotations"] += 1
+        reason = image_skip_reason(iid in has_ann, width, height, train, min_size)
+        if reason is not None:
+            skipped[reason] += 1
             continue
-        if train and min(width, height) < min_size:
-            skipped["img_too_small"] += 1
-            continue
-        boxes, labels = per_image[iid]
-        records.append(
-            ImageRecord(
-                image_id=iid,
-                file_name=img["file_name"],
-                path=image_dir / img["file_name"],
-                width=width,
-                height=height,
-                boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                labels=torch.tensor(labels, dtype=torch.int64),
-            )
-        )
-    return CocoData(
-        ann_file=path,
+        file_name = img["file_name"]
+        image_path = root.path(file_name, f"{path}: image id {iid}")
+        records.append(make_record(iid, file_name, image_path, width, height, *per_image[iid]))
+    return DetectionData(
+        source=path,
+        format="coco",
         train=train,
         records=records,
-        cat_ids=cat_ids,
         class_names=class_names,
         label_to_cat_id=list(cat_ids),
-        cat_id_to_label=cat_id_to_label,
+        image_root=image_dir,
         num_images=len(images),
         num_annotations=len(data["annotations"]),
         skipped=dict(skipped),

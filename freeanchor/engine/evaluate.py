@@ -82,7 +82,7 @@ def evaluate(
 
 def run_eval(args) -> int:
     """`freeanchor eval`: print the 12 COCO numbers and the per-class table; see --help."""
-    from freeanchor.data.coco import load_coco
+    from freeanchor.data.datasets import load_dataset
     from freeanchor.data.loader import build_eval_loader
     from freeanchor.eval.coco import COCOEvaluator
     from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
@@ -93,14 +93,15 @@ def run_eval(args) -> int:
     info = dist.init_distributed(device.type)
     try:
         model = load_model(args.weights, device)
-        data = load_coco(args.ann, args.images, train=False)
+        data = load_dataset(args.ann, args.images, split="val", train=False,
+                            classes=model.cfg.classes)  # fmt: skip
         cat_ids = list(getattr(model, "extra", {}).get("cat_ids") or data.cat_ids)
         if len(cat_ids) != model.cfg.num_classes:
             raise DatasetError(
                 f"{args.weights}: the model has {model.cfg.num_classes} classes but {args.ann} "
                 f"has {len(cat_ids)} categories"
             )
-        evaluator = COCOEvaluator(args.ann, args.backend, cat_ids) if info.is_main else None
+        evaluator = COCOEvaluator(data, args.backend, cat_ids) if info.is_main else None
         max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
         if max_pixels is not None and max_pixels < 0:
             raise OptionError(f"--max-pixels must be >= 0 (0 = no limit), got {max_pixels}")

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from freeanchor.config import Config, to_dict
-from freeanchor.data.coco import DatasetError, load_coco
+from freeanchor.data.coco import DatasetError
+from freeanchor.data.datasets import load_dataset
 from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader, stop_workers
 from freeanchor.engine import dist
 from freeanchor.engine.checkpoint import (
@@ -90,7 +91,8 @@ class Trainer:
         self._saved_at = self._evaluated_at = -1  # iteration of the last save / evaluation
 
         # Data. The training file decides the classes; the evaluator maps labels to its ids.
-        train_data = load_coco(cfg.data.train_ann, cfg.data.train_images, True, cfg.data.min_size)
+        train_data = load_dataset(cfg.data.train_ann, cfg.data.train_images,
+                                  min_size=cfg.data.min_size)  # fmt: skip
         if not train_data.records:
             raise DatasetError(f"{cfg.data.train_ann}: no usable training images")
         self.cat_ids = train_data.label_to_cat_id
@@ -313,12 +315,13 @@ class Trainer:
 
         if not (cfg.data.val_ann and cfg.data.val_images):
             raise ValueError("validation needs both --val-ann and --val-images")
-        val = load_coco(cfg.data.val_ann, cfg.data.val_images, False, cfg.data.min_size)
+        val = load_dataset(cfg.data.val_ann, cfg.data.val_images, split="val", train=False,
+                           min_size=cfg.data.min_size, classes=cfg.model.classes)  # fmt: skip
         self.val_loader = build_eval_loader(val.records, cfg.model, cfg.data,
                                             cfg.train.batch_size, self.info.rank,
                                             self.info.world_size)  # fmt: skip
         if self.info.is_main:  # only rank 0 scores the gathered detections
-            self.evaluator = COCOEvaluator(cfg.data.val_ann, label_to_cat_id=self.cat_ids)
+            self.evaluator = COCOEvaluator(val, label_to_cat_id=self.cat_ids)
 
     def _count_unreadable(self, batch: Batch, n: int) -> None:
         """Count (over all ranks) and report images the loader could not read."""

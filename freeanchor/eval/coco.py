@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from freeanchor.data.coco import read_coco_json
+from freeanchor.data.records import DetectionData
 from freeanchor.files import write_json
 
 METRIC_NAMES = (
@@ -89,7 +90,12 @@ def to_coco_results(
     return out
 
 
-def _load_gt_dict(ann: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+def _load_gt_dict(ann: str | Path | dict[str, Any] | DetectionData) -> tuple[dict[str, Any], str]:
+    if isinstance(ann, DetectionData):  # any format: its COCO file, or its records as one
+        gt = ann.ground_truth()
+        if isinstance(gt, dict):
+            return gt, str(ann.source)
+        ann = gt
     if isinstance(ann, dict):
         return copy.deepcopy(ann), "<annotations dict>"
     path = Path(ann)
@@ -99,7 +105,8 @@ def _load_gt_dict(ann: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str
 
 
 class COCOEvaluator:
-    """COCO box evaluation against one ground-truth annotation file.
+    """COCO box evaluation against one ground truth: a COCO file, a COCO dict, or any
+    `DetectionData` (YOLO and VOC records converted in memory, so AP means the same).
 
     Attributes after `evaluate`: `coco_eval` (the backend's COCOeval object, with
     `.eval["precision"]` [T, R, K, A, M]) and `summary_text` (the backend's printed table).
@@ -107,7 +114,7 @@ class COCOEvaluator:
 
     def __init__(
         self,
-        ann: str | Path | dict[str, Any],
+        ann: str | Path | dict[str, Any] | DetectionData,
         backend: str = "faster",
         label_to_cat_id: Sequence[int] | None = None,
     ) -> None:
