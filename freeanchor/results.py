@@ -64,16 +64,14 @@ class Results:
 
     def plot(self, width: int = 2) -> Tensor:
         """The image with boxes and "name score" labels drawn: uint8 RGB [3, H, W]."""
-        from torchvision.utils import draw_bounding_boxes
+        from freeanchor.viz import draw_boxes
 
         image = self._source_image().cpu()
         if len(self) == 0:
             return image.clone()
         texts = [f"{n} {s:.2f}" for n, s in zip(self.names, self.scores.tolist())]
         colors = [_color(int(label)) for label in self.labels.tolist()]
-        return draw_bounding_boxes(
-            image, self.boxes.detach().cpu().float(), labels=texts, colors=colors, width=width
-        )
+        return draw_boxes(image, self.boxes, texts, colors, width)
 
     def save(self, path: str | Path) -> Path:
         """Write `plot()` to an image file (format from the suffix), atomically.
