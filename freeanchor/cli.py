@@ -7,6 +7,8 @@
     freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
     freeanchor convert SRC.pth DST
     freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
+    freeanchor data check SRC [--images DIR] [--split S] [--show N --out DIR] [--json]
+    freeanchor data convert SRC --out FILE.json [--images DIR] [--split S]
 
 Many GPUs / machines: `torchrun --nproc-per-node 8 -m freeanchor train ...` (see README).
 A user's mistake (bad file, bad record, bad option) ends with one line on stderr and exit code 2.
@@ -159,6 +161,31 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a dataset (COCO, YOLO, VOC) or convert it to COCO")
+    actions = p.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("src", help="COCO .json, YOLO data.yaml or labels folder, VOC folder")
+    common.add_argument("--images", help="image folder (COCO: required; else overrides)")
+    common.add_argument("--split", default="train", help="split of a data.yaml / VOC folder")
+    common.add_argument("--allow-outside-root", action="store_true",
+                        help="accept image paths leading out of the image folder")  # fmt: skip
+    c = actions.add_parser("check", parents=[common], help="counts, sizes, duplicates, anchors")
+    c.add_argument("--model", default="freeanchor_r50_fpn_1x_coco", choices=sorted(PRESETS),
+                   help="preset whose input size and anchors to measure coverage with")  # fmt: skip
+    c.add_argument("--set", action="append", default=[], metavar="model.F=VALUE",
+                   help="change a model field, e.g. --set model.octave_base_scale=2")  # fmt: skip
+    c.add_argument("--show", type=int, default=0, metavar="N", help="draw N images' gt boxes")
+    c.add_argument("--out", help="folder for report.json/.txt and the drawn images")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.add_argument("--no-hash", action="store_true", help="skip the duplicate-image search")
+    v = actions.add_parser("convert", parents=[common], help="write the dataset as COCO JSON")
+    v.add_argument("--out", required=True, help="the COCO instances .json to write")
+    v.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    for q in (c, v):
+        q.set_defaults(func=lambda a: _lazy("freeanchor.tools.data_check", "run_data")(a))
+
+
 def _lazy(module: str, name: str):
     import importlib
 
@@ -169,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
-                _add_benchmark):  # fmt: skip
+                _add_benchmark, _add_data):  # fmt: skip
         add(sub)
     return parser
 

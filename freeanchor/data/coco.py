@@ -34,8 +34,15 @@ from freeanchor.data.records import (
 )
 from freeanchor.errors import DatasetError
 
-__all__ = ["ANN_REASONS", "IMG_REASONS", "CocoData", "DatasetError", "ImageRecord", "load_coco",
-           "read_coco_json"]  # fmt: skip
+__all__ = [
+    "ANN_REASONS",
+    "IMG_REASONS",
+    "CocoData",
+    "DatasetError",
+    "ImageRecord",
+    "load_coco",
+    "read_coco_json",
+]
 
 
 def _is_int(v: Any) -> bool:
@@ -169,8 +176,9 @@ def load_coco(
         x, y, w, h = bbox
         box = [x, y, x + w, y + h]
         # MMDetection reads the stored (segmentation) area; w*h when a file has none.
-        reason = box_skip_reason(box, img["width"], img["height"], ann.get("area", w * h),
-                                 bool(ann.get("ignore", False)))  # fmt: skip
+        reason = box_skip_reason(
+            box, img["width"], img["height"], ann.get("area", w * h), bool(ann.get("ignore", False))
+        )
         if reason is not None:
             skipped[reason] += 1
             continue

@@ -134,18 +134,26 @@ class DetectionData:
         """The records as a COCO instances dict (ignore boxes as `iscrowd: 1`, area = w * h)."""
         images, annotations = [], []
         for r in self.records:
-            images.append({"id": r.image_id, "file_name": r.file_name,
-                           "width": r.width, "height": r.height})  # fmt: skip
-            for boxes, labels, crowd in ((r.boxes, r.labels, 0),
-                                         (r.ignore_boxes, r.ignore_labels, 1)):  # fmt: skip
+            images.append(
+                {"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height}
+            )
+            for boxes, labels, crowd in (
+                (r.boxes, r.labels, 0),
+                (r.ignore_boxes, r.ignore_labels, 1),
+            ):
                 # float32 values widened exactly to float64, w = x2 - x1 as the evaluator does
                 for (x1, y1, x2, y2), label in zip(boxes.double().tolist(), labels.tolist()):
                     w, h = x2 - x1, y2 - y1
-                    annotations.append({
-                        "id": len(annotations) + 1, "image_id": r.image_id,
-                        "category_id": self.label_to_cat_id[label], "bbox": [x1, y1, w, h],
-                        "area": w * h, "iscrowd": crowd,
-                    })  # fmt: skip
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": r.image_id,
+                            "category_id": self.label_to_cat_id[label],
+                            "bbox": [x1, y1, w, h],
+                            "area": w * h,
+                            "iscrowd": crowd,
+                        }
+                    )
         categories = [{"id": c, "name": n} for c, n in zip(self.label_to_cat_id, self.class_names)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -209,12 +217,16 @@ def make_record(
     """An `ImageRecord` from plain lists of xyxy boxes and labels."""
     ignore_boxes, ignore_labels = ignore_boxes or [], ignore_labels or []
     return ImageRecord(
-        image_id, file_name, path, int(width), int(height),
+        image_id,
+        file_name,
+        path,
+        int(width),
+        int(height),
         torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         torch.tensor(labels, dtype=torch.int64).reshape(-1),
         torch.tensor(ignore_boxes, dtype=torch.float32).reshape(-1, 4),
         torch.tensor(ignore_labels, dtype=torch.int64).reshape(-1),
-    )  # fmt: skip
+    )
 
 
 def read_image_size(path: Path) -> tuple[int, int] | str:

@@ -43,10 +43,27 @@ from freeanchor.data.records import (
 from freeanchor.errors import DatasetError
 
 VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 MAX_XML_BYTES = 16 << 20  # a VOC annotation is a few KB
 
 
@@ -127,8 +144,9 @@ def _objects(xml: ET.Element, path: Path) -> list[tuple[str, list[float], bool]]
         box = obj.find("bndbox")
         if box is None:
             raise DatasetError(f"{where}: missing <bndbox>")
-        xmin, ymin, xmax, ymax = (_number(_text(box.find(t)), where, t)
-                                  for t in ("xmin", "ymin", "xmax", "ymax"))  # fmt: skip
+        xmin, ymin, xmax, ymax = (
+            _number(_text(box.find(t)), where, t) for t in ("xmin", "ymin", "xmax", "ymax")
+        )
         for lo, hi, a, b in (("xmin", "xmax", xmin, xmax), ("ymin", "ymax", ymin, ymax)):
             if b < a:
                 raise DatasetError(f"{where}: {hi} {b:g} < {lo} {a:g}")
@@ -274,9 +292,17 @@ def load_voc(
         file_name = image_root.relative_name(image)
         records.append(make_record(image_id, file_name, image, width, height, *lists))
     return DetectionData(
-        source=src, format="voc", train=train, records=records, class_names=names,
-        label_to_cat_id=list(range(1, len(names) + 1)), image_root=image_root.root,
-        num_images=len(items), num_annotations=sum(len(o) for o in parsed),
-        skipped=dict(skipped), examples=examples, notes=[f"images: {chosen}", class_note],
+        source=src,
+        format="voc",
+        train=train,
+        records=records,
+        class_names=names,
+        label_to_cat_id=list(range(1, len(names) + 1)),
+        image_root=image_root.root,
+        num_images=len(items),
+        num_annotations=sum(len(o) for o in parsed),
+        skipped=dict(skipped),
+        examples=examples,
+        notes=[f"images: {chosen}", class_note],
         split=split if src.is_dir() else "",
-    )  # fmt: skip
+    )

@@ -65,8 +65,10 @@ def _names(data: dict[str, Any], path: Path) -> list[str]:
     names, nc = data.get("names"), data.get("nc")
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
-            raise DatasetError(f"{path}: 'names' keys must be 0..{len(names) - 1}, got "
-                               f"{sorted(names, key=str)[:5]}")  # fmt: skip
+            raise DatasetError(
+                f"{path}: 'names' keys must be 0..{len(names) - 1}, got "
+                f"{sorted(names, key=str)[:5]}"
+            )
         names = [names[i] for i in range(len(names))]
     if names is None and isinstance(nc, int) and nc > 0:
         names = [f"class_{i}" for i in range(nc)]
@@ -111,6 +113,7 @@ def _split_images(value: Any, root: ImageRoot, path: Path, split: str) -> list[P
                 name = line.strip()
                 if name:
                     full = target.parent / name[2:] if name.startswith("./") else root.root / name
+                    full = Path(os.path.normpath(full))  # what we open is what we check
                     images.append(root.check(full, f"{target} line {n}", name))
         else:
             raise DatasetError(f"{path}: {split}: {target} is not a folder or a .txt image list")
@@ -136,8 +139,10 @@ def parse_labels(text: str, path: Path, num_classes: int | None) -> list[tuple[i
             continue
         where = f"{path} line {n}"
         if not (len(tokens) == 5 or (len(tokens) >= 7 and len(tokens) % 2)):
-            raise DatasetError(f"{where}: expected 5 numbers (class cx cy w h) or a polygon "
-                               f"(class x1 y1 x2 y2 x3 y3 ...), got {len(tokens)}")  # fmt: skip
+            raise DatasetError(
+                f"{where}: expected 5 numbers (class cx cy w h) or a polygon "
+                f"(class x1 y1 x2 y2 x3 y3 ...), got {len(tokens)}"
+            )
         values = []
         for tok in tokens:
             try:
@@ -161,8 +166,10 @@ def parse_labels(text: str, path: Path, num_classes: int | None) -> list[tuple[i
         )
         for name, v in zip(names, values[1:]):
             if not 0 <= v <= 1:
-                raise DatasetError(f"{where}: {name} {v:g} outside [0, 1] (YOLO coordinates "
-                                   f"are fractions of the image size)")  # fmt: skip
+                raise DatasetError(
+                    f"{where}: {name} {v:g} outside [0, 1] (YOLO coordinates "
+                    f"are fractions of the image size)"
+                )
         if len(tokens) == 5:
             cx, cy, w, h = values[1:]
             box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
@@ -178,8 +185,14 @@ def _read(image: Path, label: Path) -> tuple[tuple[int, int] | str, bytes | None
 
 
 def _find_classes(labels_dir: Path) -> Path | None:
-    return next((d / "classes.txt" for d in (labels_dir, *list(labels_dir.parents)[:2])
-                 if (d / "classes.txt").is_file()), None)  # fmt: skip
+    return next(
+        (
+            d / "classes.txt"
+            for d in (labels_dir, *list(labels_dir.parents)[:2])
+            if (d / "classes.txt").is_file()
+        ),
+        None,
+    )
 
 
 def load_yolo(
@@ -210,8 +223,9 @@ def load_yolo(
     if src.is_file():
         root, pairs, names, label_dirs, notes = _from_yaml(src, split, images, allow_outside_root)
     else:
-        root, pairs, names, label_dirs, notes = _from_folder(src, images, classes,
-                                                             allow_outside_root)  # fmt: skip
+        root, pairs, names, label_dirs, notes = _from_folder(
+            src, images, classes, allow_outside_root
+        )
 
     workers = min(16, (os.cpu_count() or 1) + 4)  # header reads wait on the disk, not the CPU
     with ThreadPoolExecutor(workers) as pool:
@@ -253,24 +267,38 @@ def load_yolo(
         if reason is not None:
             skipped[reason] += 1
             continue
-        records.append(make_record(image_id, root.relative_name(image), image, width, height,
-                                   boxes, labels))  # fmt: skip
+        records.append(
+            make_record(image_id, root.relative_name(image), image, width, height, boxes, labels)
+        )
     used = {label for _, label in pairs}
-    orphans = [p for d in label_dirs if d.is_dir() for p in d.rglob("*.txt")
-               if p not in used and p.name != "classes.txt"]  # fmt: skip
+    orphans = [
+        p
+        for d in label_dirs
+        if d.is_dir()
+        for p in d.rglob("*.txt")
+        if p not in used and p.name != "classes.txt"
+    ]
     if orphans:
         skipped["label_without_image"] = len(orphans)
         examples["label_without_image"] = str(orphans[0])
-    no_file = sum(raw is None for _, raw in read)
+    no_file = sum(raw is None for size, raw in read if not isinstance(size, str))
     if no_file:
         notes.append(f"{no_file} images without a label file (images without objects)")
     return DetectionData(
-        source=src, format="yolo", train=train, records=records, class_names=names,
-        label_to_cat_id=list(range(1, len(names) + 1)), image_root=root.root,
-        num_images=len(pairs), num_annotations=sum(len(o) for o in parsed),
-        skipped=dict(skipped), examples=examples, notes=notes,
+        source=src,
+        format="yolo",
+        train=train,
+        records=records,
+        class_names=names,
+        label_to_cat_id=list(range(1, len(names) + 1)),
+        image_root=root.root,
+        num_images=len(pairs),
+        num_annotations=sum(len(o) for o in parsed),
+        skipped=dict(skipped),
+        examples=examples,
+        notes=notes,
         split=split if src.is_file() and not images else "",
-    )  # fmt: skip
+    )
 
 
 _Pairs = list[tuple[Path, Path]]  # (image, label file)
@@ -310,8 +338,10 @@ def _from_folder(
         raise DatasetError(f"{src}: labels folder not found")
     root = ImageRoot(images or _paired_images(src), allow)
     _require_folder(root.root, src)
-    pairs = [(root.check(p, str(root.root)), src / p.relative_to(root.root).with_suffix(".txt"))
-             for p in _list_images(root.root)]  # fmt: skip
+    pairs = [
+        (root.check(p, str(root.root)), src / p.relative_to(root.root).with_suffix(".txt"))
+        for p in _list_images(root.root)
+    ]
     notes = []
     names = list(classes) if classes else None
     listed = _find_classes(src)
@@ -335,5 +365,7 @@ def _paired_images(labels_dir: Path) -> Path:
         if parts[i] == "labels":
             parts[i] = "images"
             return Path(*parts)
-    raise DatasetError(f"{labels_dir}: no 'labels' in the path to pair an images folder with; "
-                       f"pass the images folder")  # fmt: skip
+    raise DatasetError(
+        f"{labels_dir}: no 'labels' in the path to pair an images folder with; "
+        f"pass the images folder"
+    )
