@@ -161,6 +161,7 @@ def load_coco(
     images = _images(path, data["images"])
 
     skipped: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     seen_ann: set[int] = set()
     has_ann: set[int] = set()
     # image id -> (boxes, labels, crowd boxes, crowd labels)
@@ -181,6 +182,7 @@ def load_coco(
         )
         if reason is not None:
             skipped[reason] += 1
+            examples.setdefault(reason, f"annotation id {ann['id']}")
             continue
         crowd = bool(ann.get("iscrowd", 0))
         if crowd:
@@ -209,4 +211,5 @@ def load_coco(
         num_images=len(images),
         num_annotations=len(data["annotations"]),
         skipped=dict(skipped),
+        examples=examples,
     )

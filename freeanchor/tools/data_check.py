@@ -201,8 +201,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"duplicate images (same content): {report['duplicate_images']['count']}"
         + ("  e.g. " + "; ".join(" = ".join(g) for g in groups[:EXAMPLES]) if groups else "")
     )
-    for reason, example in report["skipped_examples"].items():
-        lines.append(f"skipped ({reason}): {report['skipped'].get(reason, 0)}  e.g. {example}")
+    for reason, count in report["skipped"].items():
+        example = report["skipped_examples"].get(reason)
+        lines.append(f"skipped ({reason}): {count}" + (f"  e.g. {example}" if example else ""))
     cov = report["anchor_coverage"]
     if cov is not None:
         a = cov["anchors"]
@@ -223,7 +224,14 @@ def format_report(report: dict[str, Any]) -> str:
                     if c["boxes"]
                 )
             )
-        lines.append(f"  hint: {cov['hint']}" if cov["hint"] else "  every box has a good anchor")
+        if cov["hint"]:
+            lines.append(f"  hint: {cov['hint']}")
+        else:
+            lines.append(
+                "  every box has a good anchor"
+                if not cov["under"]
+                else "  too few badly covered boxes of one size and aspect for a hint"
+            )
     return "\n".join(lines)
 
 
