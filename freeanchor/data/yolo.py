@@ -64,10 +64,10 @@ def read_data_yaml(path: Path) -> dict[str, Any]:
 def _names(data: dict[str, Any], path: Path) -> list[str]:
     names, nc = data.get("names"), data.get("nc")
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
+        if set(names) != set(range(len(names))):  # also refuses string keys
             raise DatasetError(
                 f"{path}: 'names' keys must be 0..{len(names) - 1}, got "
-                f"{sorted(names, key=str)[:5]}"
+                f"{sorted(map(str, names))[:5]}"
             )
         names = [names[i] for i in range(len(names))]
     if names is None and isinstance(nc, int) and nc > 0:
@@ -108,7 +108,10 @@ def _split_images(value: Any, root: ImageRoot, path: Path, split: str) -> list[P
         if target.is_dir():
             images += [root.check(p, f"{path}: {split}") for p in _list_images(target)]
         elif target.is_file() and target.suffix == ".txt":
-            lines = target.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = target.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{target}: not UTF-8 text ({e.reason})") from None
             for n, line in enumerate(lines, 1):
                 name = line.strip()
                 if name:
@@ -181,7 +184,11 @@ def parse_labels(text: str, path: Path, num_classes: int | None) -> list[tuple[i
 
 
 def _read(image: Path, label: Path) -> tuple[tuple[int, int] | str, bytes | None]:
-    return read_image_size(image), label.read_bytes() if label.is_file() else None
+    """(image size or why not, label file bytes or None when there is no label file)."""
+    try:
+        return read_image_size(image), label.read_bytes() if label.is_file() else None
+    except OSError as e:
+        raise DatasetError(f"{label}: cannot read ({e.strerror})") from None
 
 
 def _find_classes(labels_dir: Path) -> Path | None:
