@@ -39,31 +39,35 @@ def anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     return AnchorGenerator(cfg.strides, cfg.ratios, cfg.octave_base_scale, cfg.scales_per_octave)
 
 
-def best_anchor_iou(boxes: Tensor, padded_hw: tuple[int, int], anchors: AnchorGenerator) -> Tensor:
-    """The largest IoU of each box with any anchor of the image.
+def best_anchor_iou(
+    boxes: Tensor, padded_hw: tuple[int, int] | Tensor, anchors: AnchorGenerator
+) -> Tensor:
+    """The largest IoU of each box with any anchor of its image.
 
     Args:
         boxes: [K, 4] xyxy in input (resized) pixels.
-        padded_hw: (H, W) of the padded input; level l has ceil(H / s_l) x ceil(W / s_l) places.
+        padded_hw: (H, W) of the padded input, or [K, 2] per box (boxes of many images in one
+            call); level l has ceil(H / s_l) x ceil(W / s_l) places.
 
     Returns:
         [K] float32.
     """
     boxes = boxes.float()
-    h, w = padded_hw
+    hw = torch.as_tensor(padded_hw, dtype=torch.float32).expand(boxes.shape[0], 2)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     best = torch.zeros(boxes.shape[0])
     for stride, base in zip(anchors.strides, anchors.base_anchors):
-        gx = (cx / stride).round().clamp(0, math.ceil(w / stride) - 1) * stride
-        gy = (cy / stride).round().clamp(0, math.ceil(h / stride) - 1) * stride
+        last = torch.ceil(hw / stride) - 1  # index of the last place in y, x
+        gx = torch.minimum((cx / stride).round().clamp(min=0), last[:, 1]) * stride
+        gy = torch.minimum((cy / stride).round().clamp(min=0), last[:, 0]) * stride
         cand = base[None] + torch.stack([gx, gy, gx, gy], dim=-1)[:, None]  # [K, 9, 4]
         lt = torch.maximum(boxes[:, None, :2], cand[..., :2])
         rb = torch.minimum(boxes[:, None, 2:], cand[..., 2:])
         inter = (rb - lt).clamp(min=0).prod(dim=-1)
         cand_area = (cand[..., 2] - cand[..., 0]) * (cand[..., 3] - cand[..., 1])
         iou = inter / (area[:, None] + cand_area - inter)
-        best = torch.maximum(best, iou.max(dim=1).values)
+        best = torch.maximum(best, iou.amax(dim=1))
     return best
 
 
@@ -88,14 +92,14 @@ def anchor_coverage(
     """Share of gt boxes whose best anchor IoU is under `threshold`, overall and by size and
     aspect, the worst-covered (size, aspect) cell and a hint which setting to change."""
     gen = anchor_generator(cfg)
-    ious, sizes, aspects = [], [], []
-    for boxes, padded in boxes_at_input(records, cfg):
-        wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)
-        keep = (boxes[:, 2:] > boxes[:, :2]).all(dim=1)  # still a box after clipping
-        ious.append(best_anchor_iou(boxes[keep], padded, gen))
-        sizes.append(wh[keep].prod(dim=1).sqrt())
-        aspects.append(wh[keep, 1] / wh[keep, 0])
-    iou, size, aspect = (torch.cat(x) if x else torch.zeros(0) for x in (ious, sizes, aspects))
+    per_image = boxes_at_input(records, cfg)
+    boxes = torch.cat([b for b, _ in per_image] or [torch.zeros(0, 4)])
+    padded = torch.tensor([hw for b, hw in per_image for _ in range(b.shape[0])]).reshape(-1, 2)
+    keep = (boxes[:, 2:] > boxes[:, :2]).all(dim=1)  # still a box after clipping
+    boxes, padded = boxes[keep], padded[keep]
+    wh = boxes[:, 2:] - boxes[:, :2]
+    iou = best_anchor_iou(boxes, padded, gen)  # all images at once: few, large tensor ops
+    size, aspect = wh.prod(dim=1).sqrt(), wh[:, 1] / wh[:, 0]
     under = iou < threshold
     sizes_px = [
         cfg.octave_base_scale * s * 2 ** (k / cfg.scales_per_octave)

@@ -25,7 +25,7 @@ import torch
 from torchvision.ops import box_iou
 
 from freeanchor.config import ModelConfig
-from freeanchor.data.records import DetectionData
+from freeanchor.data.records import IGNORE_REASONS, DetectionData
 from freeanchor.errors import OptionError
 from freeanchor.files import write_json, write_text
 from freeanchor.tools.anchor_coverage import anchor_coverage
@@ -203,7 +203,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     for reason, count in report["skipped"].items():
         example = report["skipped_examples"].get(reason)
-        lines.append(f"skipped ({reason}): {count}" + (f"  e.g. {example}" if example else ""))
+        kind = "kept as ignored" if reason in IGNORE_REASONS else "skipped"
+        lines.append(f"{kind} ({reason}): {count}" + (f"  e.g. {example}" if example else ""))
     cov = report["anchor_coverage"]
     if cov is not None:
         a = cov["anchors"]
