@@ -118,7 +118,16 @@ def _tiny_config(three, fmt, work_dir):
     return cfg
 
 
-def test_training_gives_the_same_numbers_in_every_format(three, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared CPU small ops are far faster without the pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_training_gives_the_same_numbers_in_every_format(three, tmp_path, one_thread):
     runs = {f: train(_tiny_config(three, f, tmp_path / f)) for f in ("coco", "yolo", "voc")}
     losses = {f: r["losses"] for f, r in runs.items()}
     assert len(losses["coco"]) == 3 and losses["coco"] == losses["yolo"] == losses["voc"]
