@@ -7,6 +7,7 @@
     freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
     freeanchor convert SRC.pth DST
     freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
+    freeanchor config [--model M] [--config FILE] [--set A.B=V ...] [--json]
     freeanchor data check SRC [--images DIR] [--split S] [--show N --out DIR] [--json]
     freeanchor data convert SRC --out FILE.json [--images DIR] [--split S]
 
@@ -161,6 +162,25 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config", help="print the resolved config: each field's value, default, meaning"
+    )
+    p.add_argument(
+        "--model", choices=sorted(PRESETS), help="preset (default r50; replaces --config's model)"
+    )
+    p.add_argument("--config", help="a saved config.json to start from")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="A.B=VALUE",
+        help="override a field, as in train",
+    )
+    p.add_argument("--json", action="store_true", help="print the config as JSON (for --config)")
+    p.set_defaults(func=lambda a: _lazy("freeanchor.tools.config_info", "run_config")(a))
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="check a dataset (COCO, YOLO, VOC) or convert it to COCO")
     actions = p.add_subparsers(dest="action", required=True)
@@ -196,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
-                _add_benchmark, _add_data):  # fmt: skip
+                _add_benchmark, _add_config, _add_data):  # fmt: skip
         add(sub)
     return parser
 

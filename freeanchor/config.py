@@ -1,18 +1,42 @@
 """Typed configuration: dataclasses, the named presets, JSON round trip and `a.b=value` overrides.
 
 Presets are plain Python functions named after MMDetection's seed configs; nothing is looked
-up by a string type. `Config` bundles the four parts a run needs.
+up by a string type. `Config` bundles the parts a run needs. Each field is declared as
+`setting(default, meaning, rule)`: its one-line meaning (printed by `freeanchor config`) and
+the values it accepts sit beside it, and every assignment is checked (config_rules.py), so a
+config read from a file, a checkpoint header, `--set` or built in Python is valid once built.
+Sizes are bounded so that no header makes us allocate what no real model needs
+(config_bounds.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
+import re
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from freeanchor import config_bounds as bounds
+from freeanchor.config_fields import Section, build, field_types, locate, parse_text, read_json_file
+from freeanchor.config_rules import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    INCREASING,
+    NON_EMPTY,
+    OPEN_UNIT,
+    POSITIVE,
+    UNIT,
+    Rule,
+    between,
+    did_you_mean,
+    each,
+    setting,
+)
+from freeanchor.errors import ConfigError, OptionError
 
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -27,52 +51,78 @@ COCO_CLASSES: tuple[str, ...] = (
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "mobilenet_v2")
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d",
+                   "mobilenet_v2"]  # fmt: skip
+BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
+RGB = tuple[float, float, float]
+
+# Rules used by several fields (the bounds and their reasons: config_bounds.py).
+CHANNELS, SIDE = between(1, bounds.MAX_CHANNELS), between(1, bounds.MAX_SIDE)
+IOU, SCORE = between(0.0, 1.0, lo_open=True), between(0.0, 1.0, hi_open=True)
+PATH = NON_EMPTY
+# The backbone gives C3-C5 (strides 8, 16, 32); every extra FPN level halves the previous one.
+STRIDES = Rule(
+    f"8, 16, 32, then x2 per extra level (3 to {bounds.MAX_LEVELS} levels)",
+    lambda v: 3 <= len(v) <= bounds.MAX_LEVELS and all(s == 8 * 2**i for i, s in enumerate(v)),
+)
+DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda s: re.fullmatch(r"auto|cpu|cuda(:\d+)?", s))
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture, loss and test-time settings (MMDetection names where one exists)."""
 
-    backbone: str = "resnet50"  # one of BACKBONES
-    num_classes: int = 80  # foreground classes, no background
-    classes: list[str] | None = None  # class names, index = label; None -> "class_<i>"
-    frozen_stages: int = 1  # stem + layer1 frozen, as MMDetection
-    norm_eval: bool = True  # BatchNorm always in eval mode
-    fpn_channels: int = 256
-    stacked_convs: int = 4
-    feat_channels: int = 256
-    prior_prob: float = 0.01
+    section: ClassVar[str] = "model"
+    backbone: Backbone = setting("resnet50", "backbone network (ImageNet-style, gives C3-C5)")
+    num_classes: int = setting(
+        80, "foreground classes, no background", between(1, bounds.MAX_CLASSES)
+    )
+    classes: list[str] | None = setting(None, "num_classes names, index = label; none: class_<i>")
+    frozen_stages: int = setting(1, "stem + layer1..k frozen (0, -1: none)", between(-1, 4))
+    norm_eval: bool = setting(True, "keep every backbone BatchNorm in eval mode")
+    fpn_channels: int = setting(256, "channels of every FPN level", CHANNELS)
+    stacked_convs: int = setting(
+        4, "3x3 convs per head tower", between(0, bounds.MAX_STACKED_CONVS)
+    )
+    feat_channels: int = setting(256, "channels of the head towers", CHANNELS)
+    prior_prob: float = setting(0.01, "initial foreground probability", OPEN_UNIT)
     # anchors
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
-    octave_base_scale: float = 4.0
-    scales_per_octave: int = 3
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    strides: tuple[int, ...] = setting((8, 16, 32, 64, 128), "stride per level P3..", STRIDES)
+    octave_base_scale: float = setting(4.0, "smallest anchor size, in strides", POSITIVE)
+    scales_per_octave: int = setting(3, "anchor sizes per level, 2**(1/n) apart", between(1, 9))
+    ratios: tuple[float, ...] = setting(
+        (0.5, 1.0, 2.0), "anchor aspect ratios h/w", each(POSITIVE, (1, 9))
+    )
     # box coder
-    target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
-    # FreeAnchor loss
-    pre_anchor_topk: int = 50
-    bbox_thr: float = 0.6
-    gamma: float = 2.0
-    alpha: float = 0.5
-    beta: float = 0.11
-    bbox_weight: float = 0.75
+    target_stds: tuple[float, float, float, float] = setting(
+        (0.1, 0.1, 0.2, 0.2), "std of the box deltas dx, dy, dw, dh", each(POSITIVE)
+    )
+    # loss
+    loss: Literal["freeanchor", "retinanet"] = setting(
+        "freeanchor", "training loss: learned matching (freeanchor) or IoU matching"
+    )
+    pre_anchor_topk: int = setting(50, "anchors in each object's bag (n)", AT_LEAST_1)
+    bbox_thr: float = setting(0.6, "IoU of the saturated-linear box likelihood (t)", OPEN_UNIT)
+    gamma: float = setting(2.0, "focal exponent of the negative term", AT_LEAST_0)
+    alpha: float = setting(0.5, "weight of the positive term (1 - alpha: negative)", UNIT)
+    beta: float = setting(0.11, "SmoothL1 beta of the box likelihood", POSITIVE)
+    bbox_weight: float = setting(0.75, "box likelihood exp(-w * SmoothL1): w", AT_LEAST_0)
     # test-time post-processing
-    nms_pre: int = 1000
-    score_thr: float = 0.05
-    nms_iou: float = 0.5
-    max_per_img: int = 100
-    # preprocessing: keep-ratio resize to (long, short) = input_scale, pad to size_divisor
-    input_scale: tuple[int, int] = (1333, 800)
-    size_divisor: int = 32
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    nms_pre: int = setting(1000, "best boxes per level kept before NMS (0: all)", AT_LEAST_0)
+    score_thr: float = setting(0.05, "smallest score kept at test time", SCORE)
+    nms_iou: float = setting(0.5, "IoU above which NMS drops a box", IOU)
+    max_per_img: int = setting(100, "detections kept per image", AT_LEAST_1)
+    # preprocessing: keep-ratio resize to fit (long, short) = input_scale, pad to size_divisor
+    input_scale: tuple[int, int] = setting((1333, 800), "resize to fit (long, short)", each(SIDE))
+    size_divisor: int = setting(32, "pad the input to a multiple of this", between(1, 512))
+    mean: RGB = setting((123.675, 116.28, 103.53), "RGB mean subtracted (0-255 pixels)")
+    std: RGB = setting((58.395, 57.12, 57.375), "RGB std divided by", each(POSITIVE))
 
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+    def check(self) -> None:
         if self.classes is not None and len(self.classes) != self.num_classes:
-            raise ValueError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
+            n, k = len(self.classes), self.num_classes
+            raise ConfigError(f"model.classes: {n} names for model.num_classes={k}")
+        bounds.check_model_bounds(self)
 
     def class_names(self) -> list[str]:
         if self.classes:
@@ -81,60 +131,83 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the data is and how it is augmented."""
 
-    train_ann: str | None = None
-    train_images: str | None = None
-    val_ann: str | None = None
-    val_images: str | None = None
-    flip_prob: float = 0.5
-    # multi-scale training: short sides to sample from (long side stays input_scale[0]); empty = off
-    multiscale_short: tuple[int, ...] = ()
-    min_size: int = 32  # images smaller than this are dropped from training (spec 3.1)
-    workers: int = 2
-    max_bad_images: int = 100  # unreadable images skipped before the run is stopped
+    section: ClassVar[str] = "data"
+    train_ann: str | None = setting(None, "training annotations (COCO JSON)", PATH)
+    train_images: str | None = setting(None, "folder of the training images", PATH)
+    val_ann: str | None = setting(None, "validation annotations (COCO JSON)", PATH)
+    val_images: str | None = setting(None, "folder of the validation images", PATH)
+    flip_prob: float = setting(0.5, "probability of a horizontal flip in training", UNIT)
+    multiscale_short: tuple[int, ...] = setting(
+        (), "short sides to sample in training (long: model.input_scale[0]); () off", each(SIDE)
+    )
+    min_size: int = setting(32, "training images with a side below this are dropped", AT_LEAST_0)
+    workers: int = setting(2, "data loading processes (0: in the main process)", between(0, 64))
+    max_bad_images: int = setting(100, "unreadable images skipped before a stop", AT_LEAST_0)
+    max_image_pixels: int = setting(
+        89_478_485, "larger images are refused (Pillow's limit)", AT_LEAST_1
+    )
+    allow_outside_root: bool = setting(False, "allow annotation image paths outside the folder")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The MMDetection 1x recipe (spec 3.2); lr is for `base_batch_size` and scaled linearly."""
 
-    epochs: int = 12
-    batch_size: int = 2  # images per process
-    lr: float = 0.01
-    base_batch_size: int = 16  # linear scaling rule: lr * global_batch / base_batch_size
-    scale_lr: bool = True
-    optimizer: str = "sgd"  # sgd (the recipe) | adamw (faster from scratch; lr ~1e-3)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    milestones: tuple[int, ...] = (8, 11)  # epochs after which lr *= gamma
-    lr_gamma: float = 0.1
-    grad_clip: float = 35.0  # max L2 norm, 0 = off
-    amp: str = "off"  # off | bf16 | fp16
-    channels_last: bool = False
-    normalize: str = "local"  # FreeAnchor loss normaliser: local (reference) | global
-    imgs_per_gpu: int = 2  # chunk size of the "local" normaliser
-    max_bad_steps: int = 10  # consecutive non-finite losses before stopping
-    max_iters: int = 0  # stop after this many iterations in total (0 = no limit)
-    eval_every: int = 1  # epochs between evaluations (0 = only at the end)
-    checkpoint_every: int = 1
-    seed: int = 0
-    deterministic: bool = False
-    pretrained: str | None = None  # backbone weights: a local path, or "torchvision" (download)
-    log_every: int = 20
-    checkpoint_iters: int = 0  # also write last.pt every N iterations (0 = only per epoch)
+    section: ClassVar[str] = "train"
+    epochs: int = setting(12, "training epochs", AT_LEAST_1)
+    batch_size: int = setting(2, "images per process and step", AT_LEAST_1)
+    lr: float = setting(0.01, "learning rate for base_batch_size images", POSITIVE)
+    base_batch_size: int = setting(16, "global batch that lr is for", AT_LEAST_1)
+    scale_lr: bool = setting(True, "lr x global batch / base_batch_size (linear scaling)")
+    optimizer: Literal["sgd", "adamw"] = setting(
+        "sgd", "sgd is the recipe; adamw learns faster from scratch (lr ~1e-3)"
+    )
+    momentum: float = setting(0.9, "SGD momentum", between(0.0, 1.0, hi_open=True))
+    weight_decay: float = setting(1e-4, "L2 weight decay (decoupled for adamw)", AT_LEAST_0)
+    warmup_iters: int = setting(500, "iterations of linear lr warm-up (0: none)", AT_LEAST_0)
+    warmup_ratio: float = setting(0.001, "lr factor at the first warm-up iteration", UNIT)
+    milestones: tuple[int, ...] = setting(
+        (8, 11), "epochs after which lr *= lr_gamma (one >= epochs is never reached)", INCREASING
+    )
+    lr_gamma: float = setting(0.1, "lr factor at each milestone", IOU)
+    grad_clip: float = setting(35.0, "max L2 norm of the gradient (0: off)", AT_LEAST_0)
+    amp: Literal["off", "bf16", "fp16"] = setting("off", "mixed precision (fp16: loss scaled)")
+    channels_last: bool = setting(False, "channels-last memory format (faster on tensor cores)")
+    normalize: Literal["local", "global"] = setting(
+        "local", "loss normaliser: per imgs_per_gpu images (local, the reference) or per batch"
+    )
+    imgs_per_gpu: int = setting(2, "chunk size of the local normaliser", AT_LEAST_1)
+    max_bad_steps: int = setting(10, "non-finite steps in a row before a stop", AT_LEAST_1)
+    max_iters: int = setting(0, "stop after this many iterations in all (0: none)", AT_LEAST_0)
+    eval_every: int = setting(1, "epochs between evaluations (0: only at the end)", AT_LEAST_0)
+    checkpoint_every: int = setting(1, "epochs between epoch_N.pt files (0: none)", AT_LEAST_0)
+    keep_checkpoints: int = setting(0, "keep the last k epoch_N.pt files (0: all)", AT_LEAST_0)
+    seed: int = setting(0, "random seed", between(0, 2**32 - 1))  # numpy's range
+    deterministic: bool = setting(False, "deterministic algorithms (slower)")
+    pretrained: str | None = setting(None, "backbone weights: a file, a URL or torchvision", PATH)
+    log_every: int = setting(20, "iterations between log lines", AT_LEAST_1)
+    checkpoint_iters: int = setting(0, "also write last.pt every N iterations (0: off)", AT_LEAST_0)
+    ema: bool = setting(False, "keep an exponential moving average of the weights")
+    ema_decay: float = setting(0.9998, "EMA decay per iteration", OPEN_UNIT)
 
 
 @dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    work_dir: str = "work_dirs/run"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+class Config(Section):
+    """A run: model, data, training, where its outputs go and on which device."""
+
+    section: ClassVar[str] = ""
+    model: ModelConfig = setting(None, "", factory=ModelConfig)
+    data: DataConfig = setting(None, "", factory=DataConfig)
+    train: TrainConfig = setting(None, "", factory=TrainConfig)
+    work_dir: str = setting("work_dirs/run", "folder of the run's outputs", PATH)
+    device: str = setting("auto", "where to run (auto: a GPU if there is one)", DEVICE)
+
+    def check(self) -> None:
+        for part in (self.model, self.data, self.train):
+            part.check()
 
 
 # ----------------------------------------------------------------------------- presets
@@ -161,6 +234,7 @@ def freeanchor_mobilenetv2_fpn_1x(num_classes: int = 80) -> ModelConfig:
     return ModelConfig(backbone="mobilenet_v2", num_classes=num_classes)
 
 
+DEFAULT_MODEL = "freeanchor_r50_fpn_1x_coco"
 PRESETS = {
     "freeanchor_r50_fpn_1x_coco": freeanchor_r50_fpn_1x_coco,
     "freeanchor_r101_fpn_1x_coco": freeanchor_r101_fpn_1x_coco,
@@ -173,7 +247,9 @@ PRESETS = {
 def preset(name: str, num_classes: int = 80) -> ModelConfig:
     """The ModelConfig of a named preset (see PRESETS)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown model {name!r}{did_you_mean(name, PRESETS)} (presets: {', '.join(PRESETS)})"
+        )
     cfg = PRESETS[name](num_classes)
     if num_classes == 80:
         cfg.classes = list(COCO_CLASSES)
@@ -182,98 +258,85 @@ def preset(name: str, num_classes: int = 80) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- (de)serialisation
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config with 10k class names is ~0.2 MB
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain JSON-able dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a JSON value (or a string from the command line) to the annotated type."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise ValueError(f"{where}: cannot read {value!r} as {tp}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            value = [v.strip() for v in value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [_coerce(item, v, where) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise ValueError(f"{where}: expected int, got {value!r}")
-        return out
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    return value
+def from_dict(cls: type, data: Any, where: str | None = None) -> Any:
+    """Build config dataclass `cls` from a dict (a JSON file, a checkpoint header), checking
+    every key, type and rule. `where` (e.g. the file) starts every error message."""
+    try:
+        return build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from a dict, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+def set_value(cfg: Config, path: str, value: Any) -> None:
+    """Set field `path` (`train.lr`) of `cfg` to a Python value, checked."""
+    target, name = locate(cfg, path)
+    setattr(target, name, value)
 
 
-def apply_override(cfg: Config, assignment: str) -> None:
-    """Apply one `a.b=value` override in place, checked against the field's type."""
+def apply_override(cfg: Config, assignment: str, check: bool = True) -> None:
+    """Apply one `a.b=value` override in place, checked against the field's type and rule.
+
+    `check`: also run the rules that span fields (skip it between overrides applied together,
+    then call `validate`).
+    """
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} is not of the form section.field=value")
-    path, value = assignment.split("=", 1)
-    parts = path.strip().split(".")
-    target: Any = cfg
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-            raise ValueError(f"override {assignment!r}: no config section {part!r}")
-        target = getattr(target, part)
-    name = parts[-1]
-    if not dataclasses.is_dataclass(target) or name not in {
-        f.name for f in dataclasses.fields(target)
-    }:
-        raise ValueError(f"override {assignment!r}: no field {path!r}")
-    hints = typing.get_type_hints(type(target))
-    setattr(target, name, _coerce(hints[name], value, path))
-    if hasattr(target, "__post_init__"):
-        target.__post_init__()
+        raise ConfigError(f"{assignment!r} is not of the form section.field=value")
+    path, text = assignment.split("=", 1)
+    target, name = locate(cfg, path)
+    value = parse_text(field_types(type(target))[name], text, path.strip())
+    setattr(target, name, value)
+    if check:
+        validate(cfg)
+
+
+def validate(cfg: Any) -> None:
+    """Run the rules that span fields (classes vs num_classes, model size bounds, ...).
+
+    Every single field is already checked when assigned; call this after assigning fields
+    one by one (as a loader that infers a config from a state dict does).
+    """
+    cfg.check()
+
+
+def resolve_config(
+    base: Config | None = None,
+    model: str | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """A run's Config: `base` (else the defaults with preset `model` or DEFAULT_MODEL), then
+    preset `model` replacing base's model, then `flags` ({option: (field path, value)}; None
+    values skipped), then every `--set` override in order; validated as a whole at the end.
+    """
+    if base is None:
+        cfg = Config(model=preset(model or DEFAULT_MODEL))
+    else:
+        cfg = base
+        if model:
+            cfg.model = preset(model)
+    for option, (path, value) in (flags or {}).items():
+        if value is not None:
+            try:
+                set_value(cfg, path, value)
+            except ConfigError as e:
+                raise OptionError(f"{option}: {e}") from None
+    for assignment in overrides:
+        try:
+            apply_override(cfg, assignment, check=False)
+        except ConfigError as e:
+            path = assignment.split("=", 1)[0].strip()
+            names_it = str(e).startswith(f"{path}=")  # "train.lr=nan: expected ..."
+            raise ConfigError(f"--set {e}" if names_it else f"--set {assignment}: {e}") from None
+    validate(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -284,9 +347,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """The Config in JSON file `path`; every problem is one line naming the file."""
+    data = read_json_file(Path(path), MAX_CONFIG_BYTES)
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{path}: expected a JSON object (model, data, train, ...), got {kind}")
     return from_dict(Config, data, str(path))

@@ -24,6 +24,7 @@ from typing import Any
 
 from freeanchor.config import Config, DataConfig, ModelConfig, TrainConfig, preset
 from freeanchor.data.synthetic import Difficulty
+from freeanchor.errors import OptionError
 
 # The schedule of the full demo, tuned for ~9 min of training on 2 CPU cores: 720 iterations,
 # the last 120 at lr / 10 (AP at this stage grows fast with every iteration at the full lr).
@@ -112,7 +113,7 @@ def run_demo(args) -> int:
     out = Path(args.out)
     iters = getattr(args, "iters", None)
     if iters is not None and iters < 1:
-        raise ValueError(f"--iters must be >= 1, got {iters}")
+        raise OptionError(f"--iters must be >= 1, got {iters}")
     seed = getattr(args, "seed", 0)
     num_train = getattr(args, "num_train", None) or NUM_TRAIN
     num_val = getattr(args, "num_val", None) or NUM_VAL

@@ -28,14 +28,11 @@ import torch
 from torch import nn
 
 from freeanchor.engine import dist
+from freeanchor.errors import CheckpointError, MissingFileError
 from freeanchor.files import atomic_path
 
 FORMAT = "freeanchor-train"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing pieces or is not ours; the message names the file."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -53,7 +50,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint onto the CPU (weights_only: no code is unpickled)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise MissingFileError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, foreign pickled objects

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from freeanchor.errors import OptionError
+
 DEFAULT_PORT = "29500"
 
 
@@ -102,7 +104,7 @@ def init_distributed(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
     if not info.distributed or torch_dist.is_initialized():
         return info
     if not info.master_addr:
-        raise ValueError("distributed run: cannot tell the master address (set MASTER_ADDR)")
+        raise OptionError("distributed run: cannot tell the master address (set MASTER_ADDR)")
     # env:// reads these; SLURM does not set them.
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", info.master_port)
@@ -191,10 +193,10 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+        raise OptionError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+            raise OptionError(f"device {spec!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -23,49 +23,46 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from freeanchor.config import Config, apply_override, load_config, preset, save_config
+from freeanchor.config import Config, load_config, resolve_config, save_config
 from freeanchor.engine import dist
+from freeanchor.errors import MissingFileError, TrainingDivergedError
 
-DEFAULT_MODEL = "freeanchor_r50_fpn_1x_coco"
 DEFAULT_WORK_DIR = "work_dirs/run"
 
-# flag name -> (config section, field)
+# option -> the config field it sets
 _FLAGS = {
-    "train_ann": ("data", "train_ann"),
-    "train_images": ("data", "train_images"),
-    "val_ann": ("data", "val_ann"),
-    "val_images": ("data", "val_images"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("train", "lr"),
-    "amp": ("train", "amp"),
-    "pretrained": ("train", "pretrained"),
+    "--train-ann": "data.train_ann",
+    "--train-images": "data.train_images",
+    "--val-ann": "data.val_ann",
+    "--val-images": "data.val_images",
+    "--epochs": "train.epochs",
+    "--batch-size": "train.batch_size",
+    "--lr": "train.lr",
+    "--amp": "train.amp",
+    "--pretrained": "train.pretrained",
+    "--work-dir": "work_dir",
+    "--device": "device",
 }
 
 
 def build_config(args) -> Config:
-    """The run's Config from the command line (see the module docstring for the order)."""
+    """The run's Config from the command line (see the module docstring for the order).
+
+    Every value is checked where it is set; a bad one is a ConfigError / OptionError naming
+    the option or the field (the CLI prints it as one line, exit code 2).
+    """
     work_dir = getattr(args, "work_dir", None)
     own = Path(work_dir or DEFAULT_WORK_DIR) / "config.json"
+    base = None
     if args.config:
-        cfg = load_config(args.config)
-    elif args.resume and own.is_file():
-        cfg = load_config(own)
-    else:
-        cfg = Config(model=preset(args.model or DEFAULT_MODEL))
-    if args.model and (args.config or args.resume):
-        cfg.model = preset(args.model)
-    for flag, (section, name) in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(getattr(cfg, section), name, value)
-    if work_dir:
-        cfg.work_dir = work_dir
-    if getattr(args, "device", None):
-        cfg.device = args.device
-    for assignment in args.set or []:
-        apply_override(cfg, assignment)
-    return cfg
+        base = load_config(args.config)
+    elif getattr(args, "resume", False) and own.is_file():
+        base = load_config(own)
+    flags = {
+        option: (path, getattr(args, option[2:].replace("-", "_"), None))
+        for option, path in _FLAGS.items()
+    }
+    return resolve_config(base, args.model, flags, args.set or [])
 
 
 def save_resolved_config(cfg: Config) -> Path:
@@ -80,11 +77,11 @@ def run_train(args) -> int:
     User mistakes (bad files, options) propagate as ValueError / FileNotFoundError, which the
     CLI prints as one line with exit code 2; a diverged run prints one line, exit code 1.
     """
-    from freeanchor.engine.trainer import Trainer, TrainingDivergedError
+    from freeanchor.engine.trainer import Trainer
 
     cfg = build_config(args)
     if args.resume and not (Path(cfg.work_dir) / "last.pt").is_file():
-        raise FileNotFoundError(f"{Path(cfg.work_dir) / 'last.pt'}: nothing to resume from")
+        raise MissingFileError(f"{Path(cfg.work_dir) / 'last.pt'}: nothing to resume from")
     try:
         trainer = Trainer(cfg, resume=args.resume, init_weights=args.weights)
         if trainer.info.is_main:

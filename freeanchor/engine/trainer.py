@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from freeanchor.config import Config, to_dict
-from freeanchor.data.coco import DatasetError
 from freeanchor.data.datasets import load_dataset
 from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader, stop_workers
 from freeanchor.engine import dist
@@ -43,14 +42,11 @@ from freeanchor.engine.checkpoint import (
 from freeanchor.engine.evaluate import evaluate
 from freeanchor.engine.logging import TrainLogger, plot_curves
 from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from freeanchor.errors import ConfigError, DatasetError, OptionError, TrainingDivergedError
 from freeanchor.models.backbone import load_pretrained_backbone
 from freeanchor.models.detector import FreeAnchor
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many consecutive non-finite losses; the message says where and what to do."""
 
 
 class _LossForward(nn.Module):
@@ -71,9 +67,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, init_weights: str | None = None):
         self.cfg, tc = cfg, cfg.train
         if tc.amp not in AMP_DTYPES:
-            raise ValueError(f"train.amp must be one of {list(AMP_DTYPES)}, got {tc.amp!r}")
+            raise ConfigError(f"train.amp must be one of {list(AMP_DTYPES)}, got {tc.amp!r}")
         if not (cfg.data.train_ann and cfg.data.train_images):
-            raise ValueError("no training data: give --train-ann and --train-images")
+            raise OptionError("no training data: give --train-ann and --train-images")
         # Process-wide switches; fit() puts them back (tests run many trainers in one process).
         self._global_flags = (torch.are_deterministic_algorithms_enabled(),
                               torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -314,7 +310,7 @@ class Trainer:
         from freeanchor.eval.coco import COCOEvaluator
 
         if not (cfg.data.val_ann and cfg.data.val_images):
-            raise ValueError("validation needs both --val-ann and --val-images")
+            raise OptionError("validation needs both --val-ann and --val-images")
         val = load_dataset(cfg.data.val_ann, cfg.data.val_images, split="val", train=False,
                            min_size=cfg.data.min_size, classes=cfg.model.classes)  # fmt: skip
         self.val_loader = build_eval_loader(val.records, cfg.model, cfg.data,

@@ -22,6 +22,7 @@ import torch
 
 from freeanchor.data.coco import read_coco_json
 from freeanchor.data.records import DetectionData
+from freeanchor.errors import DatasetError, MissingFileError, OptionError
 from freeanchor.files import write_json
 
 METRIC_NAMES = (
@@ -100,7 +101,7 @@ def _load_gt_dict(ann: str | Path | dict[str, Any] | DetectionData) -> tuple[dic
         return copy.deepcopy(ann), "<annotations dict>"
     path = Path(ann)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
+        raise MissingFileError(f"{path}: annotation file not found")
     return read_coco_json(path), str(path)
 
 
@@ -119,7 +120,7 @@ class COCOEvaluator:
         label_to_cat_id: Sequence[int] | None = None,
     ) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown COCO eval backend {backend!r}; choose one of {BACKENDS}")
+            raise OptionError(f"unknown COCO eval backend {backend!r}; choose one of {BACKENDS}")
         self.backend = backend
         data, self.source = _load_gt_dict(ann)
         cats = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
@@ -127,7 +128,7 @@ class COCOEvaluator:
         self.label_to_cat_id = list(label_to_cat_id) if label_to_cat_id else list(self.cat_ids)
         unknown = sorted(set(self.label_to_cat_id) - set(cats))
         if unknown:
-            raise ValueError(f"{self.source}: category ids {unknown} not in the annotation file")
+            raise DatasetError(f"{self.source}: category ids {unknown} not in the annotation file")
         self.class_names = [cats[c] for c in self.label_to_cat_id]
         with contextlib.redirect_stdout(io.StringIO()):
             if backend == "faster":
