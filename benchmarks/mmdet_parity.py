@@ -162,18 +162,24 @@ def run_ours(out: Path) -> None:
         theirs = torch.load(out / f"{arch}_mmdet.pt", weights_only=True)
         paths = image_paths(out)
         results = model.predict(paths, score_thr=model.cfg.score_thr, batch_size=1)
-        per_image, total, hits = {}, 0, 0
+        per_image, total, hits, bitwise = {}, 0, 0, 0
         for path, res in zip(paths, results, strict=True):
             ref = theirs[path.name]
             n = matched(ref, res.boxes, res.scores, res.labels)
+            bitwise += all(
+                torch.equal(a, b)
+                for a, b in ((ref["bboxes"], res.boxes), (ref["scores"], res.scores),
+                             (ref["labels"], res.labels))
+            )  # fmt: skip
             k = min(TOPK, len(ref["scores"]))
             per_image[path.name] = [n, k]
             total, hits = total + k, hits + n
         report[arch] = {"matched": hits, "of": total, "rate": hits / max(total, 1),
-                        "per_image": per_image}  # fmt: skip
+                        "bitwise_equal_images": bitwise, "per_image": per_image}  # fmt: skip
         print(
             f"{arch}: {hits}/{total} of MMDetection's top-{TOPK} detections matched "
-            f"({hits / max(total, 1):.1%}); per image {per_image}",
+            f"({hits / max(total, 1):.1%}); {bitwise}/{len(paths)} images bitwise equal (all "
+            f"boxes, scores, labels); per image {per_image}",
             flush=True,
         )
     (out / "parity.json").write_text(json.dumps(report, indent=1))

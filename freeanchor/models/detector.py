@@ -33,7 +33,7 @@ from freeanchor.models.anchors import AnchorGenerator
 from freeanchor.models.backbone import build_backbone, load_pretrained_backbone
 from freeanchor.models.box_coder import DeltaXYWHCoder
 from freeanchor.models.fpn import FPN
-from freeanchor.models.head import RetinaHead, flatten_head_outputs
+from freeanchor.models.head import RetinaHead
 from freeanchor.models.loss import FreeAnchorLoss
 from freeanchor.models.postprocess import decode_outputs
 from freeanchor.results import Results
@@ -132,10 +132,12 @@ class FreeAnchor(nn.Module):
             {"positive_bag_loss": scalar, "negative_bag_loss": scalar}.
         """
         cls_scores, bbox_preds = self(images)
-        logits, deltas = flatten_head_outputs(cls_scores, bbox_preds, self.cfg.num_classes)
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
         anchors = torch.cat(self.anchors(sizes, images.device), dim=0)
-        return self.loss_fn(logits, deltas, anchors, list(gt_boxes), list(gt_labels), num_gts)
+        # The per-level maps go to the loss as they are: flattening them first would copy the
+        # logits twice (forward and backward) for nothing.
+        return self.loss_fn(cls_scores, bbox_preds, anchors, list(gt_boxes), list(gt_labels),
+                            num_gts)  # fmt: skip
 
     @torch.no_grad()
     def detect(

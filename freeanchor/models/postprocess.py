@@ -1,14 +1,19 @@
-"""Test-time post-processing as MMDetection 3.x `predict_by_feat` (spec 2.6), batched.
+"""Test-time post-processing as MMDetection 3.x `predict_by_feat` (spec 2.6).
 
-Per image and level: sigmoid scores, the `nms_pre` best (anchor, class) pairs; decode those with
-clipping to the resized image; concatenate levels; optionally rescale to the original image
-(multiply by float32(1 / scale), as MMDetection's `scale_boxes`); drop pairs with score not
-> `score_thr` or a box whose width or height is not > 0; class-aware NMS; keep the
-`max_per_img` best.
+Per image and level: sigmoid scores; keep the (anchor, class) pairs with score > `score_thr`;
+sort them by score and keep the first `nms_pre`; decode those with clipping to the resized image;
+concatenate the levels; optionally rescale to the original image (multiply by float32(1 /
+scale), as MMDetection's `scale_boxes`); drop boxes whose width or height is not > 0;
+class-aware NMS (boxes shifted apart per class, one NMS); keep the `max_per_img` best.
 
-One implementation, `postprocess_padded`, with fixed shapes so it traces: the ONNX with-NMS graph
-(`freeanchor.export.NMSGraph`) is this function. `postprocess` is the eager form: it only picks a
-data-dependent top-k per level (so that few invalid pairs reach NMS) and cuts each image's rows.
+Two forms of these steps, sharing their pieces (`_decode`, `_shift_per_group`):
+- `postprocess` (eager) runs them image by image exactly as MMDetection does, down to the order
+  of tied scores (the same unstable sorts on the same tensors), so the boxes are MMDetection's
+  bit for bit even where scores tie (saturated logits), and an image's detections never depend
+  on its batch.
+- `postprocess_padded` has fixed shapes so it traces: the ONNX with-NMS graph
+  (`freeanchor.export.NMSGraph`) is this function. Its per-level top-k may order exactly tied
+  scores differently; otherwise it computes the same detections.
 """
 
 from __future__ import annotations
@@ -36,6 +41,29 @@ def level_scores(cls_score: Tensor) -> Tensor:
     return cls_score.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid()
 
 
+def _decode(
+    coder: DeltaXYWHCoder, anchors: Tensor, reg: Tensor, anchor_idx: Tensor, img_hw: Tensor
+) -> Tensor:
+    """Boxes of the chosen anchors, clipped to the resized image.
+
+    Args:
+        anchors: [A, 4]; reg: [N, A*4, H, W] deltas; anchor_idx: [N, k]; img_hw: [N, 2] (H, W).
+
+    Returns:
+        [N, k, 4] xyxy.
+    """
+    n = reg.shape[0]
+    deltas = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)
+    deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+    return coder.decode(anchors[anchor_idx], deltas, max_shape=img_hw[:, None, :])
+
+
+def _shift_per_group(boxes: Tensor, groups: Tensor) -> Tensor:
+    """Boxes moved apart per group (class) so that one NMS never lets two groups interact:
+    offset = group * (largest coordinate + 1), as mmcv's `batched_nms` does."""
+    return boxes + (groups.to(boxes.dtype) * (boxes.max() + 1))[:, None]
+
+
 def class_aware_nms(
     boxes: Tensor, scores: Tensor, groups: Tensor, valid: Tensor, iou: float
 ) -> Tensor:
@@ -47,8 +75,7 @@ def class_aware_nms(
     an ulp of the largest shift, so a pair at IoU ~ `iou` may decide differently).
     """
     if exporting():
-        offset = groups.to(boxes.dtype) * (boxes.max() + 1)
-        return nms(boxes + offset[:, None], scores, iou)
+        return nms(_shift_per_group(boxes, groups), scores, iou)
     kept = torch.zeros_like(valid)
     for g in torch.unique(groups[valid]).tolist():
         (idx,) = torch.where((groups == g) & valid)
@@ -89,9 +116,7 @@ def postprocess_padded(
     for prob, reg, anc, k in zip(scores, bbox_preds, anchors, topk):
         top, idx = prob.topk(k, dim=1)  # [N, k], sorted
         anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
-        deltas = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)
-        deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
-        all_boxes.append(coder.decode(anc[anchor_idx], deltas, max_shape=img_hw[:, None, :]))
+        all_boxes.append(_decode(coder, anc, reg, anchor_idx, img_hw))
         all_scores.append(top)
         all_labels.append(idx - anchor_idx * num_classes)
     boxes = torch.cat(all_boxes, 1) * rescale.repeat(1, 2)[:, None, :]  # [N, K, 4]
@@ -140,6 +165,51 @@ def rescale_factors(metas: Sequence[ImageMeta], rescale: bool, device=None) -> T
     return torch.tensor(inv, dtype=torch.float32, device=device)
 
 
+def _image_detections(
+    scores: Sequence[Tensor],
+    bbox_preds: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    img_hw: Tensor,
+    rescale: Tensor,
+    coder: DeltaXYWHCoder,
+    score_thr: float,
+    nms_pre: int,
+    nms_iou: float,
+    max_per_img: int,
+) -> dict[str, Tensor]:
+    """One image's detections, step for step as MMDetection's `_predict_by_feat_single`.
+
+    Args:
+        scores: per level [A_l*C] probabilities; bbox_preds: per level [1, A*4, H_l, W_l];
+        anchors: per level [A_l, 4]; img_hw: [1, 2]; rescale: [1, 2] (x, y) multipliers.
+    """
+    num_classes = scores[0].shape[0] // anchors[0].shape[0]
+    all_boxes, all_scores, all_labels = [], [], []
+    for prob, reg, anc in zip(scores, bbox_preds, anchors):
+        (pair,) = torch.nonzero(prob > score_thr, as_tuple=True)  # row-major (anchor, class)
+        # The same (unstable) sort of the same values as MMDetection: ties come out alike.
+        top, order = prob[pair].sort(descending=True)
+        keep = order if nms_pre <= 0 else order[:nms_pre]
+        pair = pair[keep]
+        anchor_idx = torch.div(pair, num_classes, rounding_mode="floor")
+        all_boxes.append(_decode(coder, anc, reg, anchor_idx[None], img_hw)[0])
+        all_scores.append(top[: len(keep)])
+        all_labels.append(pair - anchor_idx * num_classes)
+    boxes = torch.cat(all_boxes) * rescale.repeat(1, 2)  # [K, 4]
+    top, labels = torch.cat(all_scores), torch.cat(all_labels)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    ok = (wh > 0).all(dim=1)  # min_bbox_size 0, strict
+    boxes, top, labels = boxes[ok], top[ok], labels[ok]
+    if not len(top):
+        return _empty(boxes.device)
+    # mmcv's NMS visits boxes in the order of an unstable descending sort of their scores;
+    # torchvision's sorts stably, which keeps an order that is already sorted.
+    order = top.sort(descending=True)[1]
+    keep = order[nms(_shift_per_group(boxes, labels)[order], top[order], nms_iou)]
+    keep = keep[:max_per_img]
+    return {"boxes": boxes[keep], "scores": top[keep], "labels": labels[keep]}
+
+
 def postprocess(
     cls_scores: Sequence[Tensor],
     bbox_preds: Sequence[Tensor],
@@ -152,7 +222,7 @@ def postprocess(
     nms_iou: float = 0.5,
     max_per_img: int = 100,
 ) -> list[dict[str, Tensor]]:
-    """Detections of a batch from raw head outputs (`postprocess_padded`, cut per image).
+    """Detections of a batch from raw head outputs, image by image (MMDetection's steps).
 
     Args:
         cls_scores: per level [N, A*C, H_l, W_l] logits.
@@ -167,24 +237,23 @@ def postprocess(
     """
     device = cls_scores[0].device
     scores = [level_scores(s) for s in cls_scores]
-    # The "filter by score, keep the nms_pre best" of MMDetection, as a top-k whose k is the
-    # largest number of valid pairs of any image (rows past an image's own count are masked).
-    topk = []
-    for prob in scores:
-        k = int((prob > score_thr).sum(dim=1).max()) if prob.numel() else 0
-        topk.append(min(k, nms_pre) if nms_pre > 0 else k)
-    levels = [i for i, k in enumerate(topk) if k > 0]
-    if not levels:
-        return [_empty(device) for _ in metas]
+    anchors = [a.to(device) for a in anchors]
     img_hw = torch.tensor([m.img_shape for m in metas], dtype=torch.float32, device=device)
-    boxes, kept_scores, labels, num = postprocess_padded(
-        [scores[i] for i in levels], [bbox_preds[i] for i in levels],
-        [anchors[i].to(device) for i in levels], img_hw, rescale_factors(metas, rescale, device),
-        coder, [topk[i] for i in levels], score_thr, nms_iou, max_per_img,
-    )  # fmt: skip
+    factors = rescale_factors(metas, rescale, device)
     return [
-        {"boxes": boxes[i, :k], "scores": kept_scores[i, :k], "labels": labels[i, :k]}
-        for i, k in enumerate(num.tolist())
+        _image_detections(
+            [s[i] for s in scores],
+            [b[i : i + 1] for b in bbox_preds],
+            anchors,
+            img_hw[i : i + 1],
+            factors[i : i + 1],
+            coder,
+            score_thr,
+            nms_pre,
+            nms_iou,
+            max_per_img,
+        )  # fmt: skip
+        for i in range(len(metas))
     ]
 
 

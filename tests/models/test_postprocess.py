@@ -143,3 +143,28 @@ def test_nothing_above_threshold_gives_empty_results():
     for o in out:
         assert o["boxes"].shape == (0, 4) and o["scores"].shape == (0,)
         assert o["labels"].dtype == torch.int64
+
+
+def test_tied_scores_come_out_in_mmdetections_order():
+    """Raw outputs whose scores tie thousands of times (integer and saturated logits): our
+    detections equal MMDetection 3.3's `predict_by_feat` bit for bit (fixture made with the
+    real MMDetection by benchmarks/make_tie_fixture.py), whichever boxes the ties pick."""
+    fixture = torch.load(
+        Path(__file__).resolve().parents[1] / "fixtures" / "postprocess_ties.pt", weights_only=True
+    )
+    cls_scores = [c.float() for c in fixture["cls_scores_int8"]]
+    bbox_preds = [r.float() for r in fixture["bbox_preds_fp16"]]
+    sizes = [tuple(c.shape[-2:]) for c in cls_scores]
+    anchors = AnchorGenerator().grid_anchors(sizes)
+    metas = [
+        ImageMeta(tuple(m["ori_shape"]), tuple(m["img_shape"]), tuple(m["scale_factor"]))
+        for m in fixture["metas"]
+    ]
+    got = postprocess(cls_scores, bbox_preds, anchors, metas, DeltaXYWHCoder(), rescale=True,
+                      **fixture["test_cfg"])  # fmt: skip
+    for det, ref in zip(got, fixture["results"], strict=True):
+        # The case is what it claims: the kept detections themselves have tied scores.
+        assert len(ref["scores"]) - len(ref["scores"].unique()) > 50
+        assert torch.equal(det["labels"], ref["labels"])
+        assert torch.equal(det["scores"], ref["scores"])
+        assert torch.equal(det["boxes"], ref["bboxes"])
