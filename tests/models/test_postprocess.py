@@ -167,4 +167,6 @@ def test_tied_scores_come_out_in_mmdetections_order():
         assert len(ref["scores"]) - len(ref["scores"].unique()) > 50
         assert torch.equal(det["labels"], ref["labels"])
         assert torch.equal(det["scores"], ref["scores"])
-        assert torch.equal(det["boxes"], ref["bboxes"])
+        # Boxes to float32 rounding: `exp` in the decode is vectorised differently per CPU
+        # (AVX2 / AVX-512), 1 ulp apart; a tie broken the other way moves a box by pixels.
+        torch.testing.assert_close(det["boxes"], ref["bboxes"], rtol=0, atol=1e-4)
