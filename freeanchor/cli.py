@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from freeanchor.config import PRESETS
 from freeanchor.errors import FreeAnchorError
+from freeanchor.image_size import DeprecatedSize, add_imgsz
 
 UserError = FreeAnchorError  # the old name
 _MAX_PIXELS = 89_478_485  # = freeanchor.data.io.DEFAULT_MAX_PIXELS (Pillow's); not imported:
@@ -81,6 +82,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="A.B=VALUE",
         help="override any config field, e.g. --set train.warmup_iters=100",
     )
+    add_imgsz(p, also="set")  # = --set model.input_scale=LONG,SHORT
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.train", "run_train")(a))
 
 
@@ -96,6 +98,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
     _max_pixels(p)
+    add_imgsz(p)  # default: the checkpoint's model.input_scale
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
 
 
@@ -112,6 +115,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", action="store_true", help="also write images with boxes drawn")
     p.add_argument("--ann", help="COCO JSON whose image ids (matched by file name) to use")
     _max_pixels(p)
+    add_imgsz(p)  # default: the checkpoint's model.input_scale
     p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
 
 
@@ -121,7 +125,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="model.onnx")
     p.add_argument("--with-nms", action="store_true", help="put decoding + NMS in the graph")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
-    p.add_argument("--size", default=None, help="HxW of the example input (default from config)")
+    add_imgsz(p)  # default: the checkpoint's; the example input is its largest landscape image
+    p.add_argument("--size", default=None, action=DeprecatedSize, order="HxW",
+                   help="deprecated (use --imgsz): HxW of the example input")  # fmt: skip
     p.add_argument(
         "--score-thr",
         type=float,
@@ -152,7 +158,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--size", default="1333x800", help="WxH of the input")
+    add_imgsz(p, also="size")  # images of LONG x SHORT (W x H), default 1333,800
+    p.add_argument("--size", default="1333x800", action=DeprecatedSize, order="WxH",
+                   help="deprecated (use --imgsz): WxH of the input")  # fmt: skip
     p.add_argument("--train", action="store_true", help="also measure a training step")
     p.add_argument("--compare", choices=["torchvision"], help="measure a peer in the same run")
     p.add_argument("--repeats", type=int, default=10)
@@ -178,6 +186,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
         help="override a field, as in train",
     )
     p.add_argument("--json", action="store_true", help="print the config as JSON (for --config)")
+    add_imgsz(p, also="set")
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.config_info", "run_config")(a))
 
 
@@ -195,6 +204,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="preset whose input size and anchors to measure coverage with")  # fmt: skip
     c.add_argument("--set", action="append", default=[], metavar="model.F=VALUE",
                    help="change a model field, e.g. --set model.octave_base_scale=2")  # fmt: skip
+    add_imgsz(c, also="set")  # the input size anchor coverage is measured at
     c.add_argument("--show", type=int, default=0, metavar="N", help="draw N images' gt boxes")
     c.add_argument("--out", help="folder for report.json/.txt and the drawn images")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -182,11 +182,19 @@ def field_paths(cls: type) -> list[str]:
     return out
 
 
+# Other tools' names for the image size (Ultralytics, MMDetection, torchvision): not close in
+# spelling to input_scale, so difflib alone would not find it.
+_SIZE_NAMES = {"imgsz", "img_size", "image_size", "input_size", "img_scale", "scale", "size",
+               "min_size", "max_size", "resolution"}  # fmt: skip
+
+
 def unknown_field(path: str, known: Sequence[str]) -> ConfigError:
     """ "no field 'train.lrr'; did you mean 'train.lr'?", also across sections by the name."""
     name = path.rsplit(".", 1)[-1]
     same_name = [p for p in known if p.rsplit(".", 1)[-1] == name]  # train.input_scale
-    if same_name:
+    if name.lower().replace("-", "_") in _SIZE_NAMES and "model.input_scale" in known:
+        hint = "; did you mean 'model.input_scale' (LONG,SHORT; the --imgsz flag sets it)?"
+    elif same_name:
         hint = f"; did you mean {' or '.join(map(repr, same_name))}?"
     else:
         hint = did_you_mean(path, known)

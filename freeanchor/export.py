@@ -336,10 +336,13 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def run_export(args) -> int:
-    """`freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic] [--size HxW]`."""
+    """`freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic] [--imgsz L,S]`."""
+    from freeanchor.image_size import with_imgsz
     from freeanchor.models.weights import load_model
 
     model = load_model(args.weights)
+    # --imgsz: the input_scale saved in the graph's metadata and the example input's bound
+    model.cfg = with_imgsz(model.cfg, getattr(args, "imgsz", None))
     report = export_onnx(
         model,
         args.out,

@@ -39,6 +39,7 @@ from freeanchor.data.transforms import ImageMeta
 from freeanchor.engine.dist import resolve_device
 from freeanchor.errors import CheckpointError, DatasetError, MissingFileError, OptionError
 from freeanchor.files import JsonArrayWriter, write_json
+from freeanchor.image_size import with_imgsz
 from freeanchor.inference import Pipeline, Skipped, expand_sources
 
 __all__ = ["COCO_CAT_IDS", "OnnxBackend", "TorchBackend", "category_ids", "expand_sources"]
@@ -219,7 +220,7 @@ def run_predict(args) -> int:
         if args.onnx
         else TorchBackend(args.weights, args.device)
     )
-    cfg = backend.cfg
+    cfg = with_imgsz(backend.cfg, getattr(args, "imgsz", None))  # the resize only
     names, cat_ids = cfg.class_names(), category_ids(cfg, backend.extra)
     gt_ids = _gt_image_ids(args.ann) if getattr(args, "ann", None) else None
     image_ids, unmatched = _image_ids(paths, gt_ids)

@@ -248,3 +248,23 @@ def test_hostile_images_are_skipped_one_line_each_and_the_rest_predicted(setup, 
     assert len(drawn) == 5 and "same.png" in drawn and any(n.startswith("same_") for n in drawn)
     dot = next(i for i in index["images"] if i["file_name"].endswith("dot.png"))
     assert (dot["width"], dot["height"]) == (1, 1)
+
+
+def test_imgsz_sets_the_resize_of_predict(setup, capsys, tmp_path):
+    """`--imgsz 64` gives the detections of the model whose input_scale is (64, 64), not the
+    checkpoint's (96, 96)."""
+    import dataclasses
+
+    _, data, _, weights = setup
+    image = data.val_images / "val_000002.png"
+    code, _, _ = _run(capsys, "predict", "--weights", str(weights), str(image), "--out",
+                      str(tmp_path), "--score-thr", "0.05", "--imgsz", "64")  # fmt: skip
+    assert code == 0
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    model = tiny_model()
+    (at_96,) = model.predict([image], score_thr=0.05)
+    model.cfg = dataclasses.replace(model.cfg, input_scale=(64, 64))
+    (at_64,) = model.predict([image], score_thr=0.05)
+    assert len(preds) == len(at_64) > 0
+    assert [p["score"] for p in preds] == pytest.approx(at_64.scores.tolist(), abs=6e-6)
+    assert [p["score"] for p in preds][:3] != pytest.approx(at_96.scores.tolist()[:3], abs=6e-6)

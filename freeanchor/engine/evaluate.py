@@ -86,6 +86,7 @@ def run_eval(args) -> int:
     from freeanchor.data.loader import build_eval_loader
     from freeanchor.eval.coco import COCOEvaluator
     from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
+    from freeanchor.image_size import with_imgsz
     from freeanchor.models.weights import load_model
 
     info = dist.dist_info()
@@ -93,6 +94,7 @@ def run_eval(args) -> int:
     info = dist.init_distributed(device.type)
     try:
         model = load_model(args.weights, device)
+        model.cfg = with_imgsz(model.cfg, getattr(args, "imgsz", None))  # --imgsz: the resize
         data = load_dataset(args.ann, args.images, split="val", train=False,
                             classes=model.cfg.classes)  # fmt: skip
         cat_ids = list(getattr(model, "extra", {}).get("cat_ids") or data.cat_ids)
