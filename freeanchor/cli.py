@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from freeanchor.config import PRESETS
 from freeanchor.errors import FreeAnchorError
 from freeanchor.image_size import DeprecatedSize, add_imgsz
+from freeanchor.results import SCORE_THR
 
 UserError = FreeAnchorError  # the old name
 _MAX_PIXELS = 89_478_485  # = freeanchor.data.io.DEFAULT_MAX_PIXELS (Pillow's); not imported:
@@ -109,7 +110,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weights", help="a checkpoint (ours or MMDetection's)")
     g.add_argument("--onnx", help="an exported model.onnx (runs on onnxruntime)")
     p.add_argument("--out", default="predictions")
-    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--score-thr", type=float, default=SCORE_THR,
+                   help=f"smallest score kept (default {SCORE_THR}, as model.predict)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="also write images with boxes drawn")

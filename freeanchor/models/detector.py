@@ -36,7 +36,7 @@ from freeanchor.models.fpn import FPN
 from freeanchor.models.head import RetinaHead
 from freeanchor.models.loss import FreeAnchorLoss
 from freeanchor.models.postprocess import decode_outputs
-from freeanchor.results import Results
+from freeanchor.results import SCORE_THR, Results
 
 
 class CheckpointData(Protocol):
@@ -167,7 +167,7 @@ class FreeAnchor(nn.Module):
     def predict(
         self,
         sources: ImageInput | Sequence[ImageInput],
-        score_thr: float | None = None,
+        score_thr: float | None = SCORE_THR,
         batch_size: int = 4,
         bgr: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -178,7 +178,8 @@ class FreeAnchor(nn.Module):
         Args:
             sources: one input or a list: image files, folders, globs, PIL images, numpy uint8
                 [H, W, 3] arrays or uint8 [3, H, W] tensors (RGB; BGR with `bgr=True`).
-            score_thr: minimum score (default `cfg.score_thr`).
+            score_thr: minimum score (default `freeanchor.results.SCORE_THR`, 0.3, as `freeanchor
+                predict`; None: the config's `score_thr`, 0.05, the threshold of evaluation).
             batch_size: images per forward pass (only images of one padded size share one,
                 so results do not depend on the batch).
             max_pixels: refuse image files with more pixels (None = no limit).

@@ -249,7 +249,7 @@ def test_results_json_plot_save(tmp_path):
     )
     assert res.to_json() == [{"bbox": [5.0, 6.0, 20.0, 24.0], "score": 0.875, "label": 1,
                               "name": "dog"}]  # fmt: skip
-    drawn = res.plot()
+    drawn = torch.from_numpy(res.plot()).permute(2, 0, 1)  # plot(): numpy [H, W, 3]
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, 40, 50)
     assert drawn[:, 6, 10:20].sum() > 0  # top edge of the box drawn
     assert drawn[:, 35:, 30:].sum() == 0  # far from the box and its label: untouched
