@@ -1,33 +1,40 @@
-"""freeanchor: the FreeAnchor detector (NeurIPS 2019) on PyTorch, MMDetection-exact."""
+"""freeanchor: the FreeAnchor detector (NeurIPS 2019) on PyTorch, MMDetection-exact.
+
+`import freeanchor` is light (no torch): the names that need torch (the model, the loss, the
+pipeline, `Results`) are imported on first use, so `freeanchor --help` and `freeanchor config`
+answer at once.
+"""
 
 from freeanchor.config import Config, ModelConfig, preset
 from freeanchor.errors import FreeAnchorError
-from freeanchor.models.loss import FreeAnchorLoss
-
-__version__ = "0.1.0"
+from freeanchor.version import __version__
 
 __all__ = [
     "Config", "FreeAnchor", "FreeAnchorError", "FreeAnchorLoss", "ModelConfig", "Pipeline",
     "Results", "__version__", "build_model", "load_model", "preset",
 ]  # fmt: skip
 
+# public name -> (module, attribute), imported on first access
+_LAZY = {
+    "FreeAnchor": ("freeanchor.models.detector", "FreeAnchor"),
+    "build_model": ("freeanchor.models.detector", "build_model"),
+    "load_model": ("freeanchor.models.weights", "load_model"),
+    "FreeAnchorLoss": ("freeanchor.models.loss", "FreeAnchorLoss"),
+    "Results": ("freeanchor.results", "Results"),
+    "Pipeline": ("freeanchor.inference", "Pipeline"),
+}
+
 
 def __getattr__(name: str):
-    # The detector pulls in torchvision; import it only when asked for.
-    if name in ("FreeAnchor", "build_model", "load_model"):
-        from freeanchor.models import detector, weights
+    if name not in _LAZY:
+        raise AttributeError(f"module 'freeanchor' has no attribute {name!r}")
+    import importlib
 
-        return {
-            "FreeAnchor": detector.FreeAnchor,
-            "build_model": detector.build_model,
-            "load_model": weights.load_model,
-        }[name]
-    if name == "Results":
-        from freeanchor.results import Results
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return Results
-    if name == "Pipeline":
-        from freeanchor.inference import Pipeline
 
-        return Pipeline
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -25,6 +25,7 @@ from freeanchor.config import PRESETS
 from freeanchor.errors import FreeAnchorError
 from freeanchor.image_size import DeprecatedSize, add_imgsz
 from freeanchor.results import SCORE_THR
+from freeanchor.version import __version__
 
 UserError = FreeAnchorError  # the old name
 _MAX_PIXELS = 89_478_485  # = freeanchor.data.io.DEFAULT_MAX_PIXELS (Pillow's); not imported:
@@ -226,6 +227,7 @@ def _lazy(module: str, name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freeanchor", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"freeanchor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
                 _add_benchmark, _add_config, _add_data):  # fmt: skip

@@ -141,3 +141,54 @@ def test_every_module_imports_on_its_own():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(names)} of {len(names)} modules import on their own" in proc.stdout
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+
+
+def test_import_freeanchor_and_the_parser_import_no_torch():
+    """`import freeanchor`, `--help` and `--version` stay light; the heavy names still come
+    on first use."""
+    run = _python(
+        "import sys, contextlib, io, freeanchor\n"
+        "from freeanchor.cli import main\n"
+        "for argv in (['--help'], ['predict', '--help'], ['--version']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'numpy', 'cv2') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert freeanchor.FreeAnchorLoss.__module__ == 'freeanchor.models.loss'\n"
+        "assert 'torch' in sys.modules\n"
+        "print(sorted(n for n in freeanchor.__all__ if not hasattr(freeanchor, n)))\n"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"  # every public name resolves
+
+
+def test_version_one_place_and_the_command_prints_it():
+    import tomllib
+
+    import freeanchor
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "freeanchor.version.__version__"
+    }
+    assert freeanchor.__version__.count(".") >= 2
+    run = _python("from freeanchor.cli import main; main(['--version'])")
+    assert run.returncode == 0 and run.stdout.strip() == f"freeanchor {freeanchor.__version__}"
+    run = subprocess.run([sys.executable, "-m", "freeanchor", "--version"], capture_output=True,
+                         text=True, cwd=ROOT, env={**__import__("os").environ,
+                                                   "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert run.stdout.strip() == f"freeanchor {freeanchor.__version__}"
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import freeanchor
+
+    with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
+        freeanchor.nope  # noqa: B018
