@@ -92,7 +92,7 @@ def test_golden_end_to_end_from_jpeg(golden_model, golden_r50_reference, capsys)
 
     golden_model.cfg.input_scale = (512, 320)
     try:
-        (res,) = golden_model.predict(str(PHOTO))
+        (res,) = golden_model.predict(str(PHOTO), score_thr=None)  # the config's 0.05, as ref
     finally:
         golden_model.cfg.input_scale = (1333, 800)
     assert res.orig_shape == (480, 640) and res.path == str(PHOTO)
