@@ -99,8 +99,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["faster", "pycocotools"], default="faster")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
-    _max_pixels(p)
     add_imgsz(p)  # default: the checkpoint's model.input_scale
+    _max_pixels(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
 
 
@@ -117,8 +117,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="also write images with boxes drawn")
     p.add_argument("--ann", help="COCO JSON whose image ids (matched by file name) to use")
-    _max_pixels(p)
     add_imgsz(p)  # default: the checkpoint's model.input_scale
+    _max_pixels(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
 
 

@@ -25,6 +25,7 @@ from freeanchor.data.io import DEFAULT_MAX_PIXELS
 from freeanchor.engine import dist
 from freeanchor.errors import DatasetError, OptionError
 from freeanchor.files import write_text
+from freeanchor.image_size import with_imgsz
 
 
 @torch.no_grad()
@@ -86,7 +87,6 @@ def run_eval(args) -> int:
     from freeanchor.data.loader import build_eval_loader
     from freeanchor.eval.coco import COCOEvaluator
     from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
-    from freeanchor.image_size import with_imgsz
     from freeanchor.models.weights import load_model
 
     info = dist.dist_info()
