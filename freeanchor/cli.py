@@ -42,6 +42,22 @@ def _max_pixels(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: several scales (and flipped), merged before NMS",
+    )
+    p.add_argument(
+        "--tta-scales",
+        metavar="S[:L],...",
+        help="TTA short sides (optionally :long max); default: the official FreeAnchor "
+        "set 480:800,640:1067,...,1280:2133 for 1333x800 models, else the same "
+        "factors (0.6..1.6) of the model's input scale",
+    )
+    p.add_argument("--no-tta-flip", action="store_true", help="TTA without the flipped passes")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline demo: generate data, train, evaluate, draw")
     p.add_argument("--out", default="freeanchor_demo", help="output folder")
@@ -101,6 +117,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
     add_imgsz(p)  # default: the checkpoint's model.input_scale
     _max_pixels(p)
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="confusion matrix, per-class P/R/AP, AP by size, worst images",
+    )
+    p.add_argument("--analyze-out", help="folder for the analysis (default OUT/analysis)")
+    p.add_argument(
+        "--analyze-score-thr",
+        type=float,
+        default=0.3,
+        help="detections with a score >= this count in the analysis",
+    )
+    p.add_argument(
+        "--analyze-worst",
+        type=int,
+        default=8,
+        metavar="N",
+        help="draw the N images with the most missed objects",
+    )
+    _tta(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.engine.evaluate", "run_eval")(a))
 
 
@@ -119,6 +155,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ann", help="COCO JSON whose image ids (matched by file name) to use")
     add_imgsz(p)  # default: the checkpoint's model.input_scale
     _max_pixels(p)
+    _tta(p)
     p.set_defaults(func=lambda a: _lazy("freeanchor.predict", "run_predict")(a))
 
 

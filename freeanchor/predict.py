@@ -227,6 +227,13 @@ def run_predict(args) -> int:
     batch_size = min(args.batch_size, backend.batch_limit or args.batch_size)
     pipeline = Pipeline(cfg, backend.detect, batch_size, max_pixels or None,
                         fixed_size=backend.fixed_size)  # fmt: skip
+    if getattr(args, "tta", False):
+        from freeanchor.tta import TTADetector, TTAPipeline, tta_config
+
+        if args.onnx:
+            raise OptionError("--tta runs the PyTorch model: use --weights, not --onnx")
+        tta = TTADetector(backend.model, tta_config(args, cfg))
+        pipeline = TTAPipeline(tta, max_pixels or None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vis_dir = out / "images"

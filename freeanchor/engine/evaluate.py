@@ -35,6 +35,7 @@ def evaluate(
     evaluator: Any,
     device: torch.device | str,
     results_json: str | Path | None = None,
+    detect: Any = None,
 ) -> dict[str, Any]:
     """Detect on every batch of `loader`, gather from all ranks, score with `evaluator`.
 
@@ -43,6 +44,8 @@ def evaluate(
         loader: an eval loader (`build_eval_loader`) yielding `Batch`es.
         evaluator: a `COCOEvaluator` on rank 0 (may be None on the other ranks).
         results_json: also write the COCO results list there (rank 0).
+        detect: a `Batch` -> per image detections, instead of `model.detect` on the batch
+            (test-time augmentation: `TTADetector.batch_detector`).
 
     Returns:
         On every rank: the evaluator's metrics (AP, AP50, ..., per_class) plus
@@ -58,7 +61,10 @@ def evaluate(
             skipped += batch.skipped
             if len(batch) == 0:
                 continue
-            outputs = model.detect(batch.images.to(device), batch.metas, rescale=True)
+            if detect is not None:
+                outputs = detect(batch)
+            else:
+                outputs = model.detect(batch.images.to(device), batch.metas, rescale=True)
             for image_id, det in zip(batch.image_ids, outputs, strict=True):
                 detections.append({"image_id": image_id,
                                    **{k: v.float().cpu() if k != "labels" else v.cpu()
@@ -88,6 +94,7 @@ def run_eval(args) -> int:
     from freeanchor.eval.coco import COCOEvaluator
     from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
     from freeanchor.models.weights import load_model
+    from freeanchor.tta import TTADetector, tta_config
 
     info = dist.dist_info()
     device = dist.resolve_device(args.device, info.local_rank)
@@ -114,7 +121,12 @@ def run_eval(args) -> int:
             info.rank, info.world_size, max_pixels=max_pixels or None,
         )  # fmt: skip
         out = Path(args.out) if args.out else None
-        metrics = evaluate(model, loader, evaluator, device, out / "results.json" if out else None)
+        detect, tta = None, tta_config(args, model.cfg)
+        if tta is not None:  # each image is read again: every pass resizes the original
+            tta_model = TTADetector(model, tta)
+            detect = tta_model.batch_detector(data.records, max_pixels or None)
+        results = out / "results.json" if out else None
+        metrics = evaluate(model, loader, evaluator, device, results, detect=detect)
         if not info.is_main:
             return 0
         print(data.summary())
@@ -128,6 +140,12 @@ def run_eval(args) -> int:
                           ann_file=str(args.ann))  # fmt: skip
             plot_pr_curve(evaluator.coco_eval, out / "pr_curve.png")
             print(f"wrote {out / 'results.json'}, {out / 'metrics.json'}, {out / 'pr_curve.png'}")
+        if getattr(args, "analyze", False):
+            from freeanchor.eval.analysis_plots import run_analysis
+
+            where = args.analyze_out or (out / "analysis" if out else Path("eval_analysis"))
+            run_analysis(evaluator, data.records, metrics, where, args.analyze_score_thr,
+                         worst=args.analyze_worst, max_pixels=max_pixels or None)  # fmt: skip
         if args.json:
             print(json.dumps(metrics))  # the last line: one JSON object
         return 0
