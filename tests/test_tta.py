@@ -142,3 +142,48 @@ def test_image_a_scale_cannot_resize_is_skipped_with_one_line(model):
     outs = list(TTAPipeline(tta).run([wide, photo(100, 80, seed=2)]))
     assert [type(o).__name__ for o in outs] == ["Skipped", "Prediction"]
     assert "input 0" in outs[0].message
+
+
+def test_eval_and_predict_cli_with_one_plain_pass_equal_plain(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from freeanchor.cli import main
+    from freeanchor.models.weights import save_model
+
+    images, anns = [], []
+    for i in range(1, 4):
+        Image.fromarray(photo(128 + 24 * i, 96, seed=i).permute(1, 2, 0).numpy()).save(
+            tmp_path / f"{i}.png"
+        )
+        images.append({"id": i, "file_name": f"{i}.png", "width": 128 + 24 * i, "height": 96})
+        anns.append({"id": i, "image_id": i, "category_id": 1 + i % 3, "bbox": [10, 10, 40, 30],
+                     "area": 1200, "iscrowd": 0})  # fmt: skip
+    cats = [{"id": k, "name": n} for k, n in ((1, "a"), (2, "b"), (3, "c"))]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", num_classes=3, classes=["a", "b", "c"],
+                      fpn_channels=32, feat_channels=32, stacked_convs=1, input_scale=SCALE,
+                      frozen_stages=0, norm_eval=False, score_thr=0.0)  # fmt: skip
+    weights = save_model(FreeAnchor(cfg), tmp_path / "m.safetensors", extra={"cat_ids": [1, 2, 3]})
+    # Batches of one: a batch of two images of one padded size may differ in the last bits.
+    common = ["--weights", str(weights), "--device", "cpu", "--batch-size", "1"]
+    outs = {}
+    for name, extra in (("plain", []), ("tta", ["--tta", "--tta-scales", "96", "--no-tta-flip"])):
+        code = main(["eval", *common, "--ann", str(ann), "--images", str(tmp_path), "--workers",
+                     "0", "--json", "--out", str(tmp_path / f"eval_{name}"), *extra])  # fmt: skip
+        assert code == 0
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        code = main(["predict", *common, str(tmp_path / "*.png"), "--score-thr", "0.01",
+                     "--out", str(tmp_path / f"pred_{name}"), *extra])  # fmt: skip
+        assert code == 0
+        outs[name] = (metrics, (tmp_path / f"eval_{name}" / "results.json").read_text(),
+                      (tmp_path / f"pred_{name}" / "predictions.json").read_text())  # fmt: skip
+    assert outs["plain"][2].count("image_id") > 100
+    assert outs["tta"] == outs["plain"]
+    code = main(["eval", *common, "--ann", str(ann), "--images", str(tmp_path), "--workers", "0",
+                 "--tta", "--tta-scales", "64,128"])  # fmt: skip
+    assert code == 0  # two scales and their flips run end to end
+    assert main(["predict", *common, str(tmp_path), "--tta", "--tta-scales", "x"]) == 2
