@@ -116,6 +116,10 @@ def run_eval(args) -> int:
             raise OptionError(f"--max-pixels must be >= 0 (0 = no limit), got {max_pixels}")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if getattr(args, "analyze", False):  # before the evaluation, not after it
+            from freeanchor.eval.analysis_plots import check_options
+
+            check_options(args.analyze_score_thr, args.analyze_worst)
         loader = build_eval_loader(
             data.records, model.cfg, DataConfig(workers=args.workers), args.batch_size,
             info.rank, info.world_size, max_pixels=max_pixels or None,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from freeanchor.errors import OptionError
 from freeanchor.eval.analysis import Analysis, analyze, table, top_confusions
 from freeanchor.files import atomic_path, write_json, write_text
 from freeanchor.viz import IGNORED_COLOR, class_color, draw_boxes, save_image
@@ -109,6 +110,14 @@ def side_by_side(
     return torch.cat([left, gap, right], dim=2)
 
 
+def check_options(score_thr: float, worst: int) -> None:
+    """Raises OptionError for a threshold outside [0, 1] or a negative image count."""
+    if worst < 0:
+        raise OptionError(f"--analyze-worst must be >= 0, got {worst}")
+    if not 0.0 <= score_thr <= 1.0:
+        raise OptionError(f"--analyze-score-thr must be in [0, 1], got {score_thr}")
+
+
 def run_analysis(
     evaluator: Any,
     records: Sequence[Any],
@@ -127,6 +136,7 @@ def run_analysis(
     """
     from freeanchor.data.io import read_image
 
+    check_options(score_thr, worst)
     ev = evaluator.coco_eval
     img_ids = {int(i) for i in ev.params.imgIds}
     dataset = evaluator.coco_gt.dataset

@@ -182,3 +182,8 @@ def test_eval_cli_analyze(tmp_path, capsys):
     per_cat = [sum(r["category_id"] == c for r in results) for c in (1, 2)]
     assert cm[:, :2].sum(0).tolist() == per_cat  # every detection once per column
     assert len(list((where / "worst").iterdir())) == 2
+    args = ["eval", "--weights", str(weights), "--ann", str(ann), "--images", str(tmp_path),
+            "--analyze"]  # fmt: skip
+    assert main([*args, "--analyze-worst", "-1"]) == 2
+    assert main([*args, "--analyze-score-thr", "1.5"]) == 2
+    assert "--analyze-score-thr must be in [0, 1]" in capsys.readouterr().err
