@@ -232,7 +232,7 @@ def run_predict(args) -> int:
 
         if args.onnx:
             raise OptionError("--tta runs the PyTorch model: use --weights, not --onnx")
-        tta = TTADetector(backend.model, tta_config(args, cfg))
+        tta = TTADetector(backend.model, tta_config(args, cfg), cfg)
         pipeline = TTAPipeline(tta, max_pixels or None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

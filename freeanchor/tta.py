@@ -144,10 +144,13 @@ class TTADetector:
     Args:
         model: a `FreeAnchor` (put in eval mode here).
         config: the passes (`TTAConfig`).
+        cfg: the model config to use (default `model.cfg`; e.g. with `--imgsz` applied).
     """
 
-    def __init__(self, model: torch.nn.Module, config: TTAConfig) -> None:
-        self.model, self.config, self.cfg = model.eval(), config, model.cfg
+    def __init__(
+        self, model: torch.nn.Module, config: TTAConfig, cfg: ModelConfig | None = None
+    ) -> None:
+        self.model, self.config, self.cfg = model.eval(), config, cfg or model.cfg
         self.device = next(model.parameters()).device
         self._cfgs = {s: replace(self.cfg, input_scale=s) for s in config.scales}
 

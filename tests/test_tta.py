@@ -23,6 +23,7 @@ from freeanchor.tta import (
 )
 
 SCALE = (128, 96)  # (long, short); 128 and 96 are multiples of 32: no padding at this size
+THR = 0.05  # the score threshold of both paths
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +56,14 @@ def _equal(a: dict, b) -> None:
 def test_one_plain_pass_is_plain_inference_bitwise(model, size):
     image = photo(*size, seed=sum(size))
     tta = TTADetector(model, TTAConfig((SCALE,), flip=False))
-    (plain,) = model.predict(image, batch_size=1)
+    (plain,) = model.predict(image, batch_size=1, score_thr=THR)
     assert len(plain.scores) == model.cfg.max_per_img  # NMS and the cut both did something
-    _equal(tta(image), plain)
+    _equal(tta(image, THR), plain)
     # Through the pipelines too (file-like inputs, skips, order).
-    outs = [o for o in TTAPipeline(tta).run([image, image.flip(-1)]) if isinstance(o, Prediction)]
+    outs = [o for o in TTAPipeline(tta).run([image, image.flip(-1)], THR)
+            if isinstance(o, Prediction)]  # fmt: skip
     ref = list(Pipeline(model.cfg, lambda b, m, t: model.detect(b, m, score_thr=t)).run(
-        [image, image.flip(-1)]))  # fmt: skip
+        [image, image.flip(-1)], THR))  # fmt: skip
     for o, r in zip(outs, ref, strict=True):
         assert torch.equal(o.boxes, r.boxes) and torch.equal(o.scores, r.scores)
         assert o.meta == r.meta
