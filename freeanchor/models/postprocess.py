@@ -174,7 +174,7 @@ def _image_detections(
     coder: DeltaXYWHCoder,
     score_thr: float,
     nms_pre: int,
-    nms_iou: float,
+    nms_iou: float | None,
     max_per_img: int,
 ) -> dict[str, Tensor]:
     """One image's detections, step for step as MMDetection's `_predict_by_feat_single`.
@@ -205,7 +205,10 @@ def _image_detections(
     # mmcv's NMS visits boxes in the order of an unstable descending sort of their scores;
     # torchvision's sorts stably, which keeps an order that is already sorted.
     order = top.sort(descending=True)[1]
-    keep = order[nms(_shift_per_group(boxes, labels)[order], top[order], nms_iou)]
+    if nms_iou is None:  # the candidates before NMS, by score (test-time augmentation)
+        keep = order
+    else:
+        keep = order[nms(_shift_per_group(boxes, labels)[order], top[order], nms_iou)]
     keep = keep[:max_per_img]
     return {"boxes": boxes[keep], "scores": top[keep], "labels": labels[keep]}
 
@@ -219,7 +222,7 @@ def postprocess(
     rescale: bool = True,
     score_thr: float = 0.05,
     nms_pre: int = 1000,
-    nms_iou: float = 0.5,
+    nms_iou: float | None = 0.5,
     max_per_img: int = 100,
 ) -> list[dict[str, Tensor]]:
     """Detections of a batch from raw head outputs, image by image (MMDetection's steps).
@@ -231,6 +234,7 @@ def postprocess(
         metas: per image; `img_shape` clips the boxes, `scale_factor` undoes the resize.
         rescale: return boxes in original-image pixels (else in resized-image pixels).
         nms_pre: pairs kept per level before NMS (<= 0: all).
+        nms_iou: NMS IoU threshold; None: no NMS (every candidate, by descending score).
 
     Returns:
         per image a dict: boxes [n, 4] xyxy float32, scores [n] (descending), labels [n] int64.
