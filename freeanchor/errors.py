@@ -42,6 +42,10 @@ class MissingFileError(FreeAnchorError, FileNotFoundError):
     """A file or folder the user named does not exist (names it)."""
 
 
+class DiskFullError(FreeAnchorError, OSError):
+    """A write failed for lack of space (names the file; nothing partial is left)."""
+
+
 class RunDirError(FreeAnchorError, RuntimeError):
     """A work dir that cannot be used for this run (held by another run, or not a folder)."""
 

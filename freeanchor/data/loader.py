@@ -325,9 +325,13 @@ def build_train_loader(
     world_size: int = 1,
     workers: int | None = None,
     pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DataLoader:
-    """Training loader; call `loader.batch_sampler.set_epoch(epoch, start_batch)` each epoch."""
-    dataset = DetectionDataset(records, cfg, data_cfg, train=True, seed=seed)
+    """Training loader; call `loader.batch_sampler.set_epoch(epoch, start_batch)` each epoch.
+
+    Images of more than `max_pixels` pixels (from the header) are skipped as unreadable."""
+    dataset = DetectionDataset(records, cfg, data_cfg, train=True, seed=seed,
+                               max_pixels=max_pixels)  # fmt: skip
     sampler = GroupedBatchSampler(dataset.landscape(), batch_size, seed, rank, world_size)
     n = data_cfg.workers if workers is None else workers
     return _loader(dataset, sampler, cfg, n, pin_memory)

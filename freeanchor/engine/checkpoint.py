@@ -8,15 +8,22 @@ A checkpoint is one dict (loadable with `torch.load(..., weights_only=True)`):
      "best_metric": float | None, "best_epoch": int | None,
      "rng": capture_rng_state(), "config": to_dict(Config)}
 
+     "ema": ModelEMA.state_dict() | absent,                  # train.ema on
+     "checksum": "blake2b-256:<hex>"}                        # of everything else
+
 Files in the work dir: `last.pt` (newest, what --resume reads), `epoch_N.pt` (after epoch N,
-1-based), `best.pt` (best validation AP so far). Every write is atomic: a temp file in the same
-folder, then os.replace, so a crash (even kill -9) leaves either the old or the new file.
+1-based; `train.keep_checkpoints` = k keeps the newest k), `best.pt` (best validation AP so
+far). Every write is atomic and durable (freeanchor/files.py), so a crash (even kill -9) leaves
+either the old or the new file. Every load checks the checksum (a flipped byte anywhere is
+refused, naming the file) and refuses a checkpoint holding a NaN or an infinity (a diverged
+run's; the trainer never writes one, older or foreign files might).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import shutil
 import signal
 import threading
@@ -27,23 +34,55 @@ import numpy as np
 import torch
 from torch import nn
 
+from freeanchor.checksum import digest, first_non_finite, key_name
 from freeanchor.engine import dist
 from freeanchor.errors import CheckpointError, MissingFileError
-from freeanchor.files import atomic_path
+from freeanchor.files import atomic_file
 
 FORMAT = "freeanchor-train"
-VERSION = 1
+VERSION = 2  # 2: with "checksum" (version 1 files, without one, still load)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file beside `path`, then rename over it."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temp file beside `path`, then rename over it.
+
+    Through a Python file object: a full disk is then an OSError(ENOSPC) that files.py reports
+    as one line, not torch's C++ "unexpected pos" error.
+    """
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+    with atomic_file(dst) as f, open(src, "rb") as s:
+        shutil.copyfileobj(s, f, 1 << 24)
+
+
+def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` plus its "checksum" entry (the digest of everything else)."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return {**body, "checksum": digest(body)}
+
+
+def verify_checksum(obj: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError if `obj` has a "checksum" that its content does not match."""
+    stored = obj.get("checksum")
+    if stored is None:
+        return  # written before checksums (version 1), or not ours
+    actual = digest({k: v for k, v in obj.items() if k != "checksum"})
+    if stored != actual:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (stored "
+                              f"{str(stored)[-12:]}, content {actual[-12:]})")  # fmt: skip
+
+
+def refuse_non_finite(obj: Any, path: str | Path) -> None:
+    """Raise CheckpointError if any float of `obj` is NaN or infinite (a diverged run's)."""
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: {key_name(bad)} holds NaN or infinite values (written by a diverged "
+            "run); use an earlier checkpoint or start anew"
+        )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -62,6 +101,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    verify_checksum(ckpt, path)
+    refuse_non_finite(ckpt, path)
     return ckpt
 
 
@@ -124,9 +165,10 @@ def training_state(
     pos: Position,
     config: dict[str, Any],
     extra: dict[str, Any],
+    ema: Any = None,
 ) -> dict[str, Any]:
     """Everything a resumed run needs, as plain data (see the module docstring)."""
-    return {
+    state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -136,6 +178,9 @@ def training_state(
         "config": config,
         "extra": extra,
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
 
 
 def restore_training_state(
@@ -144,8 +189,13 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
+    ema: Any = None,
 ) -> Position:
-    """Load `path` into the given objects, restore the RNGs; returns the saved position."""
+    """Load `path` into the given objects, restore the RNGs; returns the saved position.
+
+    `ema` (a ModelEMA) takes the checkpoint's EMA, or restarts from the restored weights
+    when the checkpoint has none (EMA switched on for the rest of a run).
+    """
     ckpt = load_checkpoint(path)
     try:
         model.load_state_dict(ckpt["model"])
@@ -156,6 +206,11 @@ def restore_training_state(
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        if isinstance(ckpt.get("ema"), dict):
+            ema.load_state_dict(ckpt["ema"])
+        else:
+            ema.reset(model)
     restore_rng_state(ckpt["rng"])
     names = [f.name for f in dataclasses.fields(Position)]
     return Position(**{k: ckpt[k] for k in names if k in ckpt})
@@ -170,6 +225,7 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> list[str]:
     from freeanchor.models.weights import load_model
 
     state = load_model(path).state_dict()
+    refuse_non_finite(state, path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(usable, strict=False)
@@ -179,11 +235,19 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-class CheckpointManager:
-    """Writes last.pt / epoch_N.pt / best.pt in `work_dir` (call on rank 0 only)."""
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
-    def __init__(self, work_dir: str | Path) -> None:
+
+class CheckpointManager:
+    """Writes last.pt / epoch_N.pt / best.pt in `work_dir` (call on rank 0 only).
+
+    `keep`: how many epoch_N.pt files to keep (the newest by N; 0: all). last.pt and best.pt
+    are always kept.
+    """
+
+    def __init__(self, work_dir: str | Path, keep: int = 0) -> None:
         self.work_dir = Path(work_dir)
+        self.keep = keep
 
     @property
     def last(self) -> Path:
@@ -202,14 +266,31 @@ class CheckpointManager:
         """Write `state` as last.pt; also as epoch_<epoch_done>.pt and/or best.pt.
 
         The extra files are byte copies of last.pt (serialising once is the slow part).
+        The caller checks that `state` is finite (`first_non_finite`) before.
         """
-        state = {"format": FORMAT, "version": VERSION, **state}
+        state = with_checksum({"format": FORMAT, "version": VERSION, **state})
         atomic_save(state, self.last)
         if epoch_done is not None:
             atomic_copy(self.last, self.epoch_path(epoch_done))
+            self.prune()
         if is_best:
             atomic_copy(self.last, self.best)
         return self.last
+
+    def epoch_files(self) -> list[Path]:
+        """The epoch_N.pt files in the work dir, oldest (smallest N) first."""
+        found = [(int(m.group(1)), p) for p in self.work_dir.glob("epoch_*.pt")
+                 if (m := _EPOCH_FILE.match(p.name))]  # fmt: skip
+        return [p for _, p in sorted(found)]
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest `keep` epoch files (none when keep is 0)."""
+        if not self.keep:
+            return []
+        old = self.epoch_files()[: -self.keep]
+        for p in old:
+            p.unlink(missing_ok=True)
+        return old
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

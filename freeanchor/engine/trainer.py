@@ -3,9 +3,14 @@
     result = train(cfg)                 # or Trainer(cfg, resume=True).fit()
 
 Per iteration: set the lr (warmup + steps) -> forward + FreeAnchor loss (AMP optional) ->
-skip the step if the loss is not finite -> backward -> clip the gradient norm at 35 -> SGD.
+skip the step if the loss is not finite -> backward -> clip the gradient norm at 35 -> skip
+the step if the gradient is not finite (fp16: the GradScaler's overflow) -> SGD -> EMA.
+A skipped step changes no weight; `train.max_bad_steps` skips in a row stop the run
+(TrainingDivergedError, exit 1). No checkpoint with a NaN or an infinity is ever written.
 Per epoch: evaluate every `eval_every` epochs (best.pt keeps the best AP) and checkpoint.
-Launch with torchrun for DDP (see freeanchor/engine/dist.py); rank 0 logs and writes files.
+With `train.ema` the EMA weights (engine/ema.py) are the ones evaluated and released.
+Launch with torchrun for DDP (see freeanchor/engine/dist.py); rank 0 logs and writes files,
+and holds the work dir's lock (engine/rundir.py: one run per work dir).
 
 Exact resume: a checkpoint holds the position of the next batch (epoch, batch in epoch),
 the optimizer, schedule, scaler and RNG states; the data of sample i in epoch e depends only
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from freeanchor.checksum import first_non_finite, key_name
 from freeanchor.config import Config, to_dict
 from freeanchor.data.datasets import load_dataset
 from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader, stop_workers
@@ -39,10 +46,20 @@ from freeanchor.engine.checkpoint import (
     restore_training_state,
     training_state,
 )
+from freeanchor.engine.ema import ModelEMA
 from freeanchor.engine.evaluate import evaluate
 from freeanchor.engine.logging import TrainLogger, plot_curves
 from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
-from freeanchor.errors import ConfigError, DatasetError, OptionError, TrainingDivergedError
+from freeanchor.engine.rundir import RunLock, check_work_dir
+from freeanchor.errors import (
+    ConfigError,
+    DatasetError,
+    FreeAnchorError,
+    OptionError,
+    RunDirError,
+    TrainingDivergedError,
+)
+from freeanchor.files import remove_stale_temp_files
 from freeanchor.models.backbone import load_pretrained_backbone
 from freeanchor.models.detector import FreeAnchor
 
@@ -74,13 +91,41 @@ class Trainer:
         self._global_flags = (torch.are_deterministic_algorithms_enabled(),
                               torch.is_deterministic_algorithms_warn_only_enabled(),
                               torch.backends.cudnn.benchmark)  # fmt: skip
-        if tc.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
         self.device = dist.resolve_device(cfg.device, dist.dist_info().local_rank)
         self.info = dist.init_distributed(self.device.type)
         self.work_dir = Path(cfg.work_dir)
-        self.ckpt = CheckpointManager(self.work_dir)
+        self.lock = RunLock(self.work_dir)
+        self._claim_work_dir(resume)
+        # Released when fit() ends, or when the trainer is collected / the interpreter exits.
+        self._release = weakref.finalize(self, self.lock.release)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        try:
+            self._build(cfg, resume, init_weights)
+        except BaseException:
+            self._restore_flags()
+            raise
+
+    def _claim_work_dir(self, resume: bool) -> None:
+        """Rank 0 checks the work dir and takes its lock; every rank learns the verdict."""
+        problem = None
+        if self.info.is_main:
+            try:
+                check_work_dir(self.work_dir, resume)
+                self.lock.acquire()
+                removed = remove_stale_temp_files(self.work_dir)  # a killed writer's, not ours
+                if removed:
+                    print(f"removed {len(removed)} stale temporary file(s) in {self.work_dir}")
+            except RunDirError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise RunDirError(problem)
+
+    def _build(self, cfg: Config, resume: bool, init_weights: str | None) -> None:
+        tc = cfg.train
+        self.ckpt = CheckpointManager(self.work_dir, keep=tc.keep_checkpoints)
         self.pos = Position()
         self.losses: list[float] = []  # per iteration of this process's run (NaN = skipped)
         self.last_metrics: dict[str, Any] | None = None
@@ -88,7 +133,8 @@ class Trainer:
 
         # Data. The training file decides the classes; the evaluator maps labels to its ids.
         train_data = load_dataset(cfg.data.train_ann, cfg.data.train_images,
-                                  min_size=cfg.data.min_size)  # fmt: skip
+                                  min_size=cfg.data.min_size,
+                                  allow_outside_root=cfg.data.allow_outside_root)  # fmt: skip
         if not train_data.records:
             raise DatasetError(f"{cfg.data.train_ann}: no usable training images")
         self.cat_ids = train_data.label_to_cat_id
@@ -96,7 +142,8 @@ class Trainer:
         rank, world = self.info.rank, self.info.world_size
         pin = self.device.type == "cuda"
         self.loader = build_train_loader(train_data.records, cfg.model, cfg.data, tc.batch_size,
-                                         tc.seed, rank, world, pin_memory=pin)  # fmt: skip
+                                         tc.seed, rank, world, pin_memory=pin,
+                                         max_pixels=cfg.data.max_image_pixels)  # fmt: skip
         if self.loader.num_workers and self.loader.worker_init_fn is None:
             self.loader.worker_init_fn = ignore_stop_signals
         self.sampler = self.loader.batch_sampler
@@ -116,7 +163,7 @@ class Trainer:
         model.loss_fn.normalize, model.loss_fn.imgs_per_gpu = tc.normalize, tc.imgs_per_gpu
         kept_fresh: list[str] = []
         if not resume and tc.pretrained:
-            load_pretrained_backbone(model.backbone, tc.pretrained)
+            _load_pretrained(model.backbone, tc.pretrained)
         if not resume and init_weights:
             kept_fresh = load_matching_weights(model, init_weights)
         memory_format = torch.channels_last if tc.channels_last else torch.preserve_format
@@ -125,9 +172,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.base_lr)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
+        self.ema = ModelEMA(self.model, tc.ema_decay) if tc.ema else None
         if resume:
             self.pos = restore_training_state(self.ckpt.last, self.model, self.optimizer,
-                                              self.scheduler, self.scaler)  # fmt: skip
+                                              self.scheduler, self.scaler, self.ema)  # fmt: skip
             if self.pos.iter_in_epoch >= self.iters_per_epoch:  # the data shrank meanwhile
                 self.pos.epoch, self.pos.iter_in_epoch = self.pos.epoch + 1, 0
         self.loss_forward: nn.Module = _LossForward(self.model)
@@ -189,9 +237,7 @@ class Trainer:
                     if loader is not None:
                         stop_workers(loader)
                 self.log.close()
-                deterministic, warn_only, benchmark = self._global_flags
-                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-                torch.backends.cudnn.benchmark = benchmark
+                self._restore_flags()
 
     def _train_step(self, batch: Batch) -> None:
         """One SGD step on this batch, or a reported skip."""
@@ -226,11 +272,18 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf))
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            return self._skip_step("non-finite gradient", values)
-        self.scaler.step(self.optimizer)  # with fp16, skips by itself on inf/NaN gradients
+        if not math.isfinite(grad_norm):  # DDP averaged the gradients: the same on every rank
+            if not self.scaler.is_enabled():
+                return self._skip_step("non-finite gradient", values)
+            self.scaler.step(self.optimizer)  # sees the inf/NaN and does not step ...
+            self.scaler.update()  # ... and lowers the loss scale
+            scale = self.scaler.get_scale()
+            return self._skip_step(f"non-finite fp16 gradient (loss scale now {scale:g})", values)
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.pos.bad_steps = 0
         self.losses.append(values["loss"])
         values.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
@@ -245,10 +298,13 @@ class Trainer:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
         self.log.log_skip(pos.iteration + 1, f"{reason} ({shown})" if shown else reason, values)
         if pos.bad_steps >= self.cfg.train.max_bad_steps:
+            saved = f"{self.ckpt.last} (iteration {self._saved_at})" if self._saved_at >= 0 \
+                else "none written by this process"  # fmt: skip
             raise TrainingDivergedError(
                 f"{pos.bad_steps} steps in a row skipped (last: {reason}) at iteration "
-                f"{pos.iteration + 1}; the newest checkpoint is {self.ckpt.last}. Lower the lr "
-                f"(train.lr), check the data, or raise train.max_bad_steps"
+                f"{pos.iteration + 1}: training diverged. Lower --lr (now "
+                f"{self.cfg.train.lr:g}), use a longer warm-up (train.warmup_iters), check "
+                f"--weights and the data; newest checkpoint: {saved}"
             )
 
     def _end_of_epoch(self) -> None:
@@ -272,7 +328,9 @@ class Trainer:
         if self.info.is_main:
             from freeanchor.models.weights import save_model
 
-            save_model(self.model, self.work_dir / "model_final.safetensors", self._extra())
+            final = self.work_dir / "model_final.safetensors"
+            if self._finite(self.eval_model.state_dict(), final):
+                save_model(self.eval_model, final, self._extra())
             plot_curves(self.log.jsonl, self.work_dir / "curves.png")
         dist.barrier()
         return {
@@ -290,7 +348,7 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _evaluate(self, epoch_done: float) -> bool:
         """Validation AP after `epoch_done` epochs; True if it is the best so far."""
-        metrics = evaluate(self.model, self.val_loader, self.evaluator, self.device)
+        metrics = evaluate(self.eval_model, self.val_loader, self.evaluator, self.device)
         self.last_metrics, self._evaluated_at = metrics, self.pos.iteration
         self.log.log_eval(epoch_done, self.pos.iteration, metrics)
         ap = float(metrics["AP"])
@@ -299,10 +357,27 @@ class Trainer:
             return True
         return False
 
+    @property
+    def eval_model(self) -> FreeAnchor:
+        """The weights that are evaluated and released: the EMA's when train.ema is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _finite(self, state: dict[str, Any], path: Path) -> bool:
+        """False (and a log line) if `state` holds a NaN or an infinity: then not written."""
+        bad = first_non_finite(state)
+        if bad is not None:
+            self.log.print(f"warning: iteration {self.pos.iteration}: {key_name(bad)} is not "
+                           f"finite; {path} not written (it keeps its last finite "
+                           "version)")  # fmt: skip
+        return bad is None
+
     def _save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
         if self.info.is_main:
             state = training_state(self.model, self.optimizer, self.scheduler, self.scaler,
-                                   self.pos, to_dict(self.cfg), self._extra())  # fmt: skip
+                                   self.pos, to_dict(self.cfg), self._extra(),
+                                   self.ema)  # fmt: skip
+            if not self._finite(state, self.ckpt.last):
+                return
             self.ckpt.save(state, epoch_done=epoch_done, is_best=is_best)
         self._saved_at = self.pos.iteration
 
@@ -312,10 +387,12 @@ class Trainer:
         if not (cfg.data.val_ann and cfg.data.val_images):
             raise OptionError("validation needs both --val-ann and --val-images")
         val = load_dataset(cfg.data.val_ann, cfg.data.val_images, split="val", train=False,
-                           min_size=cfg.data.min_size, classes=cfg.model.classes)  # fmt: skip
+                           min_size=cfg.data.min_size, classes=cfg.model.classes,
+                           allow_outside_root=cfg.data.allow_outside_root)  # fmt: skip
         self.val_loader = build_eval_loader(val.records, cfg.model, cfg.data,
                                             cfg.train.batch_size, self.info.rank,
-                                            self.info.world_size)  # fmt: skip
+                                            self.info.world_size,
+                                            max_pixels=cfg.data.max_image_pixels)  # fmt: skip
         if self.info.is_main:  # only rank 0 scores the gathered detections
             self.evaluator = COCOEvaluator(val, label_to_cat_id=self.cat_ids)
 
@@ -339,6 +416,13 @@ class Trainer:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
+    def _restore_flags(self) -> None:
+        """Put back the process-wide switches and release the work dir (end of the run)."""
+        deterministic, warn_only, benchmark = self._global_flags
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        self._release()
+
     def _reached_max_iters(self) -> bool:
         return bool(self.cfg.train.max_iters) and self.pos.iteration >= self.cfg.train.max_iters
 
@@ -349,3 +433,26 @@ class Trainer:
 def train(cfg: Config, resume: bool = False, init_weights: str | None = None) -> dict[str, Any]:
     """Build a `Trainer` for `cfg` and run it (see the module docstring)."""
     return Trainer(cfg, resume=resume, init_weights=init_weights).fit()
+
+
+def _load_pretrained(backbone: nn.Module, source: str) -> None:
+    """`load_pretrained_backbone`, with a failed download (offline) as one line saying what
+    to do instead."""
+    try:
+        load_pretrained_backbone(backbone, source)
+    except FreeAnchorError:
+        raise
+    except OSError as e:  # URLError, timeouts, refused connections: no network
+        url = source
+        if source == "torchvision":
+            import torchvision.models as tvm
+
+            from freeanchor.models import backbone as bb
+
+            name = bb._TORCHVISION_WEIGHTS.get(backbone.name)
+            url = getattr(tvm, name).IMAGENET1K_V1.url if name else source
+        reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0]
+        raise OptionError(
+            f"--pretrained {source}: download failed ({reason}); download {url} on a machine "
+            "with internet access and pass the file: --pretrained PATH"
+        ) from None

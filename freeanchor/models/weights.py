@@ -1,13 +1,16 @@
 """Checkpoint I/O: our safetensors format, MMDetection's released `.pth` files, the model zoo.
 
 Our format is one safetensors file: the model's state_dict, with the ModelConfig (class names
-included) and optional `extra` metadata as JSON strings in the safetensors header, so the
-weights and what they mean cannot drift apart. Written atomically.
+included), optional `extra` metadata as JSON strings and a checksum of the tensors
+(freeanchor/checksum.py) in the safetensors header, so the weights and what they mean cannot
+drift apart and a corrupt file is refused. Written atomically. Files without a checksum (ours
+from before, MMDetection's releases) still load.
 
 `load_model` also reads (detected from the file, not the name):
 - MMDetection checkpoints `{"meta", "state_dict"}` (names `backbone.*`, `neck.*`,
   `bbox_head.*`; the architecture is inferred from the keys and shapes),
-- our engine's training checkpoints `{"model": state_dict, "config": {...}}`,
+- our engine's training checkpoints `{"model": state_dict, "config": {...}}` (the EMA weights
+  when the run kept an EMA: those are the ones it evaluated),
 - bare state_dicts in either naming.
 Every key must be accounted for: a missing, unexpected or mis-shaped one is an error naming it
 and the file. `torch.load` always runs with `weights_only=True`.
@@ -33,9 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from freeanchor.checksum import digest
 from freeanchor.config import COCO_CLASSES, ModelConfig, from_dict, preset, to_dict
 from freeanchor.errors import CheckpointError, FreeAnchorError, MissingFileError
-from freeanchor.files import atomic_path
+from freeanchor.files import write_bytes
 from freeanchor.models.detector import FreeAnchor
 from freeanchor.models.zoo import ZOO, download, first_line
 
@@ -90,7 +94,7 @@ def save_model(model: FreeAnchor, path: str | Path, extra: dict[str, Any] | None
         extra_json = json.dumps(extra)
     except TypeError as e:
         raise CheckpointError(f"{path}: extra metadata is not JSON-serialisable ({e})") from None
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
@@ -98,9 +102,11 @@ def save_model(model: FreeAnchor, path: str | Path, extra: dict[str, Any] | None
         "format_version": FORMAT_VERSION,
         "config": json.dumps(to_dict(model.cfg)),
         "extra": extra_json,
+        "checksum": digest(state),
     }
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    # Serialised in memory, written by Python: a full disk is one line (files.py), not a
+    # safetensors error from a half-written file.
+    write_bytes(path, save(state, metadata=metadata))
     return path
 
 
@@ -217,6 +223,8 @@ def _read_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: corrupt config in the header ({e})") from None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: extra metadata in the header is not a JSON object")
+    if "checksum" in meta and meta["checksum"] != digest(state):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     return Checkpoint(_config(cfg_dict, path), state, extra, path)
 
 
@@ -234,11 +242,21 @@ def _read_torch_object(obj: Any, path: Path, base_cfg: ModelConfig | None) -> Ch
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     if isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict):
         # Our engine's training checkpoint: {"model": state_dict, "config": Config or Model}.
+        if "checksum" in obj and obj["checksum"] != digest(
+            {k: v for k, v in obj.items() if k != "checksum"}
+        ):
+            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
         cfg_dict = obj["config"]
         if isinstance(cfg_dict.get("model"), dict):
             cfg_dict = cfg_dict["model"]
-        state = {k.removeprefix("module."): v for k, v in obj["model"].items()}
-        extra = dict(obj["extra"]) if isinstance(obj.get("extra"), dict) else {}
+        ema = obj.get("ema")
+        weights = ema["model"] if isinstance(ema, dict) and isinstance(ema.get("model"), dict) \
+            else obj["model"]  # fmt: skip
+        state = {k.removeprefix("module."): v for k, v in weights.items()}
+        if obj.get("extra") is not None and not isinstance(obj["extra"], dict):
+            raise CheckpointError(f"{path}: 'extra' is a {type(obj['extra']).__name__}, "
+                                  "expected a mapping")  # fmt: skip
+        extra = dict(obj.get("extra") or {})
         return Checkpoint(_config(cfg_dict, path), state, extra, path)
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj

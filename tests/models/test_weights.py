@@ -289,3 +289,74 @@ def test_read_checkpoint_returns_data_and_the_detector_builds_itself(small_model
     ckpt.state.pop(next(iter(ckpt.state)))
     with pytest.raises(CheckpointError, match="missing key"):
         FreeAnchor.from_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _flip_in_payload(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one byte inside `tensor`'s bytes in the file (found by value)."""
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(tensor.contiguous().numpy().tobytes())
+    data[at + 3] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_safetensors_checksum_refuses_a_flipped_byte(small_model, tmp_path):
+    path = save_model(small_model, tmp_path / "m.safetensors", extra={})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["checksum"].startswith("blake2b-256:")
+    load_model(path)
+    _flip_in_payload(path, small_model.state_dict()["head.retina_cls.weight"])
+    with pytest.raises(CheckpointError, match=r"m.safetensors: checksum mismatch"):
+        load_model(path)
+
+
+def test_safetensors_without_checksum_still_loads(small_model, small_input, tmp_path):
+    # ours from before checksums: the same header without the "checksum" entry
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in small_model.state_dict().items()}
+    meta = {"format": "freeanchor", "format_version": "1", "extra": "{}",
+            "config": json.dumps(to_dict(small_model.cfg))}  # fmt: skip
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    _assert_same_model(small_model, load_model(tmp_path / "old.safetensors"), small_input)
+
+
+def test_engine_checkpoint_checksum_and_ema_weights(small_model, small_input, tmp_path):
+    from freeanchor.engine.checkpoint import with_checksum
+
+    cfg = to_dict(Config(model=small_model.cfg))
+    torch.manual_seed(5)
+    other = FreeAnchor(small_model.cfg).eval()
+    state = with_checksum({"model": other.state_dict(), "optimizer": {}, "epoch": 1,
+                           "config": cfg, "ema": {"model": small_model.state_dict()}})  # fmt: skip
+    path = tmp_path / "last.pt"
+    torch.save(state, path)
+    _assert_same_model(small_model, load_model(path), small_input)  # the EMA's weights
+    _flip_in_payload(path, other.state_dict()["fpn.fpn_convs.0.weight"])
+    with pytest.raises(CheckpointError, match="last.pt: checksum mismatch"):
+        load_model(path)
+
+
+def test_engine_checkpoint_with_a_non_mapping_extra(small_model, tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": small_model.state_dict(), "config": to_dict(small_model.cfg),
+                "extra": [1, 2]}, path)  # fmt: skip
+    with pytest.raises(CheckpointError, match="last.pt: 'extra' is a list, expected a mapping"):
+        load_model(path)
+    assert main(["convert", str(path), str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_safetensors_header_with_a_non_mapping_extra(small_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in small_model.state_dict().items()}
+    meta = {"format": "freeanchor", "format_version": "1", "extra": "[1, 2]",
+            "config": json.dumps(to_dict(small_model.cfg))}  # fmt: skip
+    save_file(state, str(tmp_path / "m.safetensors"), metadata=meta)
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "extra metadata in the header is not a JSON object" in err[0]
