@@ -116,6 +116,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--json", action="store_true", help="last line: the metrics as one JSON object")
     add_imgsz(p)  # default: the checkpoint's model.input_scale
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept annotation image paths leading out of --images")  # fmt: skip
     _max_pixels(p)
     p.add_argument(
         "--analyze",

@@ -100,10 +100,13 @@ def run_eval(args) -> int:
     device = dist.resolve_device(args.device, info.local_rank)
     info = dist.init_distributed(device.type)
     try:
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise OptionError(f"--out {args.out}: is a file, not a folder")
         model = load_model(args.weights, device)
         model.cfg = with_imgsz(model.cfg, getattr(args, "imgsz", None))  # --imgsz: the resize
+        outside = getattr(args, "allow_outside_root", False)
         data = load_dataset(args.ann, args.images, split="val", train=False,
-                            classes=model.cfg.classes)  # fmt: skip
+                            classes=model.cfg.classes, allow_outside_root=outside)  # fmt: skip
         cat_ids = list(getattr(model, "extra", {}).get("cat_ids") or data.cat_ids)
         if len(cat_ids) != model.cfg.num_classes:
             raise DatasetError(
