@@ -210,6 +210,8 @@ def run_predict(args) -> int:
     from freeanchor.results import Results
 
     paths = expand_sources(args.sources)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OptionError(f"--out {args.out}: is a file, not a folder")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
     max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)

@@ -20,7 +20,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from freeanchor.engine import dist
 from freeanchor.errors import RunDirError
+from freeanchor.files import remove_stale_temp_files
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
@@ -110,3 +112,23 @@ class RunLock:
             return
         if owner.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+def claim_work_dir(lock: RunLock, resume: bool, is_main: bool) -> None:
+    """Rank 0 checks the work dir, takes its lock and removes stale temp files (a killed
+    writer's: no writer of ours is left once we hold the lock); every rank gets the verdict,
+    so all of them raise the same RunDirError or none does (a collective call)."""
+    problem = None
+    if is_main:
+        work_dir = lock.path.parent
+        try:
+            check_work_dir(work_dir, resume)
+            lock.acquire()
+            removed = remove_stale_temp_files(work_dir)
+            if removed:
+                print(f"removed {len(removed)} stale temporary file(s) in {work_dir}")
+        except RunDirError as e:
+            problem = str(e)
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise RunDirError(problem)

@@ -50,16 +50,14 @@ from freeanchor.engine.ema import ModelEMA
 from freeanchor.engine.evaluate import evaluate
 from freeanchor.engine.logging import TrainLogger, plot_curves
 from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
-from freeanchor.engine.rundir import RunLock, check_work_dir
+from freeanchor.engine.rundir import RunLock, claim_work_dir
 from freeanchor.errors import (
     ConfigError,
     DatasetError,
     FreeAnchorError,
     OptionError,
-    RunDirError,
     TrainingDivergedError,
 )
-from freeanchor.files import remove_stale_temp_files
 from freeanchor.models.backbone import load_pretrained_backbone
 from freeanchor.models.detector import FreeAnchor
 
@@ -95,7 +93,7 @@ class Trainer:
         self.info = dist.init_distributed(self.device.type)
         self.work_dir = Path(cfg.work_dir)
         self.lock = RunLock(self.work_dir)
-        self._claim_work_dir(resume)
+        claim_work_dir(self.lock, resume, self.info.is_main)
         # Released when fit() ends, or when the trainer is collected / the interpreter exits.
         self._release = weakref.finalize(self, self.lock.release)
         if tc.deterministic:
@@ -106,22 +104,6 @@ class Trainer:
         except BaseException:
             self._restore_flags()
             raise
-
-    def _claim_work_dir(self, resume: bool) -> None:
-        """Rank 0 checks the work dir and takes its lock; every rank learns the verdict."""
-        problem = None
-        if self.info.is_main:
-            try:
-                check_work_dir(self.work_dir, resume)
-                self.lock.acquire()
-                removed = remove_stale_temp_files(self.work_dir)  # a killed writer's, not ours
-                if removed:
-                    print(f"removed {len(removed)} stale temporary file(s) in {self.work_dir}")
-            except RunDirError as e:
-                problem = str(e)
-        problem = dist.broadcast_object(problem)
-        if problem is not None:
-            raise RunDirError(problem)
 
     def _build(self, cfg: Config, resume: bool, init_weights: str | None) -> None:
         tc = cfg.train

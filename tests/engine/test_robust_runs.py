@@ -230,3 +230,20 @@ def test_image_root_and_pixel_limit_reach_the_training_data(tmp_path, capsys):
         (ann, img), tmp_path / "c", *base, "--set", "data.allow_outside_root=true", *limits
     )
     assert code == 2 and "more than the limit of 12,000" in _one_error_line(capsys)
+
+
+def test_out_naming_a_file_and_bad_config_files_are_one_line(tmp_path, data, capsys):
+    ann, img = data
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert main(["eval", "--weights", "w.pt", "--ann", str(ann), "--images", str(img),
+                 "--out", str(a_file), "--device", "cpu"]) == 2  # fmt: skip
+    assert f"--out {a_file}: is a file, not a folder" in _one_error_line(capsys)
+    assert main(["predict", str(img / "0000.png"), "--weights", "w.pt", "--out", str(a_file),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    assert f"--out {a_file}: is a file, not a folder" in _one_error_line(capsys)
+    binary = tmp_path / "cfg.json"
+    binary.write_bytes(b"\x00\x01\x02PK")
+    for config, problem in ((tmp_path, "a folder"), (binary, "not a text file")):
+        assert _train(data, tmp_path / "w", "--config", str(config)) == 2
+        assert problem in _one_error_line(capsys)
