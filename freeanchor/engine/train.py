@@ -74,8 +74,9 @@ def save_resolved_config(cfg: Config) -> Path:
 def run_train(args) -> int:
     """Entry point of `freeanchor train` (also under torchrun: one call per process).
 
-    User mistakes (bad files, options) propagate as ValueError / FileNotFoundError, which the
-    CLI prints as one line with exit code 2; a diverged run prints one line, exit code 1.
+    User mistakes (bad files, options, a work dir holding another run) propagate as
+    FreeAnchorError, which the CLI prints as one line with exit code 2; a diverged run prints
+    one line, exit code 1.
     """
     from freeanchor.engine.trainer import Trainer
 
@@ -96,6 +97,7 @@ def run_train(args) -> int:
         best = summary["best_AP"]
         print(
             f"done: {summary['iterations']} iterations"
+            + (f" ({summary['skipped_steps']} skipped)" if summary["skipped_steps"] else "")
             + (
                 f", best AP {100 * best:.2f} (epoch {summary['best_epoch']})"
                 if best is not None
