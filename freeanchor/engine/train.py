@@ -97,7 +97,7 @@ def run_train(args) -> int:
         print(
             f"done: {summary['iterations']} iterations"
             + (
-                f", best AP {100 * best:.2f} (epoch {summary['best_epoch']})"
+                f", best AP={best:.3f} (COCO, 0-1; epoch {summary['best_epoch']})"
                 if best is not None
                 else ""
             )
