@@ -32,7 +32,7 @@ from freeanchor.errors import OptionError
 # buys more iterations, which a from-scratch model needs more than pixels.
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 1000, 200, 96
 BATCH_SIZE, EPOCHS, MILESTONES, LR = 8, 8, (7,), 1e-3
-NUM_DRAWN = 8
+NUM_DRAWN, DRAWN_SIDE = 8, 512  # val images drawn, and their long side in the PNGs
 # Clutter and sizes stay (16 px .. 3/4 of the image, 1-5 distractors, textured backgrounds),
 # but objects are rarely cut down to a fragment or hidden, so a from-scratch model learns the
 # shapes within the time budget.
@@ -102,11 +102,20 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
 
 
 def _draw_detections(weights: Path, images: list[Path], out_dir: Path) -> list[Path]:
+    """Detections drawn on the val images, enlarged to DRAWN_SIDE px so captions are legible."""
+    from freeanchor.data.io import read_image
     from freeanchor.models.weights import load_model
+    from freeanchor.viz import class_color, draw_boxes, save_image
 
     model = load_model(weights)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [r.save(out_dir / Path(r.path).name) for r in model.predict(images, score_thr=0.3)]
+    written = []
+    for r in model.predict(images, score_thr=0.3):
+        texts = [f"{n} {s:.2f}" for n, s in zip(r.names, r.scores.tolist(), strict=True)]
+        colors = [class_color(k) for k in r.labels.tolist()]
+        drawn = draw_boxes(read_image(r.path), r.boxes, texts, colors, min_long_side=DRAWN_SIDE)
+        written.append(save_image(drawn, out_dir / Path(r.path).name))
+    return written
 
 
 def _ap_table(metrics: dict[str, Any]) -> str:

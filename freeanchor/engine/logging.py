@@ -339,7 +339,8 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
         pts = [(r["epoch"], r[key]) for r in val if key in r]
         if pts:
             ax_ap.plot(*zip(*pts, strict=True), marker="o", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP", title="validation")
+    ax_ap.set(xlabel="epoch", ylabel="AP (COCO, 0-1)", title="validation", ylim=(0, 1))
+    ax_ap.grid(alpha=0.3)
     if val:
         ax_ap.legend()
     fig.tight_layout()
