@@ -34,6 +34,7 @@ from freeanchor.errors import OptionError
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 1000, 200, 96
 BATCH_SIZE, EPOCHS, MILESTONES, LR = 8, 8, (7,), 1e-3
 NUM_DRAWN, DRAWN_SIDE = 8, 512  # val images drawn, and their long side in the PNGs
+DRAWN_SCORE_THR = 0.5  # at 0.3 the pictures fill with overlapping low-score captions
 # Clutter stays (1-4 distractor strokes, textured backgrounds, up to 8 objects), but objects are
 # 15-58 px, at most 30 % cut by the border or 25 % hidden, and stand out from what lies
 # beneath, so a from-scratch model learns the shapes within the time budget.
@@ -111,7 +112,7 @@ def _draw_detections(weights: Path, images: list[Path], out_dir: Path) -> list[P
     model = load_model(weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for r in model.predict(images, score_thr=0.3):
+    for r in model.predict(images, score_thr=DRAWN_SCORE_THR):
         texts = [f"{n} {s:.2f}" for n, s in zip(r.names, r.scores.tolist(), strict=True)]
         colors = [class_color(k) for k in r.labels.tolist()]
         drawn = draw_boxes(read_image(r.path), r.boxes, texts, colors, min_long_side=DRAWN_SIDE)

@@ -89,9 +89,12 @@ def draw_boxes(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(MIN_FONT_PX, round(FONT_SHARE * long_side)))
     scaled = (boxes.detach().cpu().double() * factor).tolist()
-    for (x1, y1, x2, y2), color in zip(scaled, colors, strict=True):
+    # last to first, boxes then captions: where they overlap, the first box (the best score)
+    # and its caption are on top, and every caption is above every box line
+    for (x1, y1, x2, y2), color in reversed(list(zip(scaled, colors, strict=True))):
         draw.rectangle((x1, y1, x2, y2), outline=tuple(color), width=line)
-    for (x1, y1, _, _), color, text in zip(scaled, colors, labels_text or [], strict=False):
+    captions = list(zip(scaled, colors, labels_text or [], strict=False))
+    for (x1, y1, _, _), color, text in reversed(captions):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         pad = max(1, (bottom - top) // 5)
         w, h = right - left + 2 * pad, bottom - top + 2 * pad

@@ -79,3 +79,16 @@ def test_results_plot_uses_the_class_colours_of_viz():
     assert tuple(drawn[:, 40, 10].tolist()) == class_color(2)
     assert tuple(drawn[:, 85, 70].tolist()) == class_color(4)
     assert len({class_color(k) for k in range(80)}) == 80  # one colour per class
+
+
+def test_the_first_box_and_caption_are_on_top():
+    box = [40.0, 60.0, 200.0, 200.0]
+    drawn = draw_boxes(_grey(300, 300), torch.tensor([box, box]), ["dog 0.90", "dog 0.40"],
+                       [class_color(0), class_color(1)], width=3)  # fmt: skip
+    assert tuple(drawn[:, 130, 40].tolist()) == class_color(0)  # the shared left edge
+    above = drawn[:, :60, :]  # the captions' band
+
+    def count(color):
+        return int((above == torch.tensor(color, dtype=torch.uint8)[:, None, None]).all(0).sum())
+
+    assert count(class_color(0)) > 100 and count(class_color(1)) == 0  # the worse one hidden
