@@ -75,9 +75,9 @@ def test_results_plot_uses_the_class_colours_of_viz():
                   scores=torch.tensor([0.9, 0.5]), labels=torch.tensor([2, 4]),
                   names=["a", "b"], path=None, orig_shape=(100, 100),
                   image=_grey(100, 100))  # fmt: skip
-    drawn = res.plot()
-    assert tuple(drawn[:, 40, 10].tolist()) == class_color(2)
-    assert tuple(drawn[:, 85, 70].tolist()) == class_color(4)
+    drawn = res.plot()  # numpy [H, W, 3]
+    assert tuple(drawn[40, 10].tolist()) == class_color(2)
+    assert tuple(drawn[85, 70].tolist()) == class_color(4)
     assert len({class_color(k) for k in range(80)}) == 80  # one colour per class
 
 
