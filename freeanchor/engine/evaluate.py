@@ -70,8 +70,8 @@ def evaluate(
     try:
         for batch in loader:
             skipped += batch.skipped
-            if bar is not None:  # counted as done: detection of a batch is quick beside loading
-                bar.update(len(batch) + len(batch.skipped))
+            if bar is not None and len(batch) == 0:
+                bar.update(len(batch.skipped))
             if len(batch) == 0:
                 continue
             if detect is not None:
@@ -83,6 +83,8 @@ def evaluate(
                                    **{k: v.float().cpu() if k != "labels" else v.cpu()
                                       for k, v in det.items()}})  # fmt: skip
                 image_ids.append(image_id)
+            if bar is not None:
+                bar.update(len(batch) + len(batch.skipped))
     finally:
         model.train(was_training)
         if bar is not None:
