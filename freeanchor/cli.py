@@ -65,6 +65,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=None, help="training images to generate")
     p.add_argument("--num-val", type=int, default=None, help="validation images to generate")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores, 1 on a busy machine)")  # fmt: skip
     p.set_defaults(func=lambda a: _lazy("freeanchor.demo", "run_demo")(a))
 
 

@@ -137,13 +137,13 @@ class Results:
 
     def _drawn(self, width: int = 2) -> Tensor:
         """uint8 RGB [3, H, W], a new tensor (the source image is left as it is)."""
-        from freeanchor.viz import draw_boxes
+        from freeanchor.viz import class_color, draw_boxes
 
         image = self._source_image().cpu()
         if len(self) == 0:
             return image.clone()
         texts = [f"{n} {s:.2f}" for n, s in zip(self.names, self.scores.tolist())]
-        colors = [_color(int(label)) for label in self.labels.tolist()]
+        colors = [class_color(int(label)) for label in self.labels.tolist()]
         return draw_boxes(image, self.boxes, texts, colors, width)
 
     def save(self, path: str | Path) -> Path:
@@ -171,11 +171,3 @@ class Results:
     def __repr__(self) -> str:
         where = self.path if self.path else "tensor"
         return f"Results({where}, {len(self)} detections, orig_shape={self.orig_shape})"
-
-
-def _color(label: int) -> tuple[int, int, int]:
-    """A fixed, well-spread colour per class (golden-ratio hue steps)."""
-    import colorsys
-
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)

@@ -1,22 +1,30 @@
 """Drawing boxes on images: one function for detections (`Results.plot`) and ground truth.
 
 Colours are fixed per class (golden-ratio hue steps), so a class looks the same in every
-picture; ignored ground truth (crowd, VOC difficult) is drawn grey.
+picture; ignored ground truth (crowd, VOC difficult) is drawn grey. Captions sit on a filled
+box of their class colour, in black or white (whichever reads better on it), with a font and
+line width that grow with the image, so they stay legible on photos and on thumbnails alike.
+Tiny images can be drawn upscaled (`min_long_side`): 8 px text on a 96 px image is unreadable.
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from freeanchor.files import write_bytes
 
 Color = tuple[int, int, int]
 IGNORED_COLOR: Color = (150, 150, 150)
+MIN_FONT_PX = 10  # below this the default font's glyphs stop being legible
+FONT_SHARE = 0.03  # caption height as a share of the image's long side (~15 px at 512)
 
 
 def class_color(label: int) -> Color:
@@ -25,34 +33,77 @@ def class_color(label: int) -> Color:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def text_color(background: Color) -> Color:
+    """Black on light backgrounds, white on dark ones (ITU-R 601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
+def upscale(image: Tensor, min_long_side: int) -> tuple[Tensor, float]:
+    """`image` enlarged (nearest neighbour: pixels stay sharp) so that its long side is at
+    least `min_long_side`; returns it and the factor (1.0: unchanged).
+
+    Args:
+        image: uint8 [3, H, W].
+    """
+    long_side = max(int(image.shape[-1]), int(image.shape[-2]))
+    if not min_long_side or long_side >= min_long_side:
+        return image, 1.0
+    factor = math.ceil(min_long_side / long_side)  # an integer factor: every pixel alike
+    big = torch.nn.functional.interpolate(image[None].float(), scale_factor=factor,
+                                          mode="nearest")  # fmt: skip
+    return big[0].to(torch.uint8), float(factor)
+
+
 def draw_boxes(
     image: Tensor,
     boxes: Tensor,
     labels_text: Sequence[str] | None = None,
     colors: Sequence[Color] | None = None,
-    width: int = 2,
+    width: int | None = None,
+    min_long_side: int = 0,
 ) -> Tensor:
-    """A copy of `image` with `boxes` drawn (torchvision's `draw_bounding_boxes`).
+    """A copy of `image` with `boxes` and their captions drawn.
 
     Args:
         image: uint8 RGB [3, H, W].
         boxes: [n, 4] xyxy in the image's pixels (parts outside the image are cut).
         labels_text: one caption per box, or None.
         colors: one RGB colour per box (default: all of class 0's colour).
+        width: box line width in px of the drawn image (default: its long side / 320, >= 1).
+        min_long_side: draw on the image enlarged to at least this long side (0: as is).
 
     Returns:
-        uint8 RGB [3, H, W].
+        uint8 RGB [3, H', W']: H, W times the `upscale` factor (1 unless `min_long_side`).
     """
-    from torchvision.utils import draw_bounding_boxes
+    from PIL import Image, ImageDraw, ImageFont
 
-    image = image.detach().cpu()
+    image, factor = upscale(image.detach().cpu(), min_long_side)
     if boxes.shape[0] == 0:
         return image.clone()
+    height, width_px = int(image.shape[1]), int(image.shape[2])
+    long_side = max(height, width_px)
+    line = width if width is not None else max(1, round(long_side / 320))
     colors = list(colors) if colors is not None else [class_color(0)] * int(boxes.shape[0])
-    texts = list(labels_text) if labels_text is not None else None
-    return draw_bounding_boxes(
-        image, boxes.detach().cpu().float(), labels=texts, colors=colors, width=width
-    )
+    canvas = Image.fromarray(image.permute(1, 2, 0).numpy().copy())
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(MIN_FONT_PX, round(FONT_SHARE * long_side)))
+    scaled = (boxes.detach().cpu().double() * factor).tolist()
+    # last to first, boxes then captions: where they overlap, the first box (the best score)
+    # and its caption are on top, and every caption is above every box line
+    for (x1, y1, x2, y2), color in reversed(list(zip(scaled, colors, strict=True))):
+        draw.rectangle((x1, y1, x2, y2), outline=tuple(color), width=line)
+    captions = list(zip(scaled, colors, labels_text or [], strict=False))
+    for (x1, y1, _, _), color, text in reversed(captions):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        pad = max(1, (bottom - top) // 5)
+        w, h = right - left + 2 * pad, bottom - top + 2 * pad
+        # above the box where there is room, else just inside its top edge; never off-image
+        x = min(max(0.0, x1), max(0.0, width_px - w))
+        y = y1 - h if y1 - h >= 0 else max(0.0, min(y1, height - h))
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(color))
+        draw.text((x + pad - left, y + pad - top), text, fill=text_color(tuple(color)), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
 
 
 def save_image(image: Tensor, path: str | Path) -> Path:

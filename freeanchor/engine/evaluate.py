@@ -9,12 +9,16 @@ everything and scores it. Inference runs in float32 with the model's test settin
 through the test-time pipeline's steps (`freeanchor.inference`: MMDetection's preprocessing,
 batches of one padded size, so `eval` and `predict` see identical inputs and detections).
 Unusable images (unreadable, more than --max-pixels, a side that would round to 0) are counted,
-reported and left out of the scored image set.
+reported and left out of the scored image set. Image files missing from --images (a wrong
+folder, most often) stop the command before any work, with one line and exit code 2, as does a
+run where no image is left to score: an AP over a silently shrunken image set misleads.
+AP values are COCO's 0-1 fractions, labelled (see `freeanchor.eval.report`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ def evaluate(
     device: torch.device | str,
     results_json: str | Path | None = None,
     detect: Any = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Detect on every batch of `loader`, gather from all ranks, score with `evaluator`.
 
@@ -46,6 +51,7 @@ def evaluate(
         results_json: also write the COCO results list there (rank 0).
         detect: a `Batch` -> per image detections, instead of `model.detect` on the batch
             (test-time augmentation: `TTADetector.batch_detector`).
+        progress: draw a tqdm bar on stderr (images done, this rank's share).
 
     Returns:
         On every rank: the evaluator's metrics (AP, AP50, ..., per_class) plus
@@ -56,9 +62,16 @@ def evaluate(
     detections: list[dict[str, Any]] = []
     image_ids: list[int] = []
     skipped: list[str] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", ncols=80, file=sys.stderr)
     try:
         for batch in loader:
             skipped += batch.skipped
+            if bar is not None and len(batch) == 0:
+                bar.update(len(batch.skipped))
             if len(batch) == 0:
                 continue
             if detect is not None:
@@ -70,8 +83,12 @@ def evaluate(
                                    **{k: v.float().cpu() if k != "labels" else v.cpu()
                                       for k, v in det.items()}})  # fmt: skip
                 image_ids.append(image_id)
+            if bar is not None:
+                bar.update(len(batch) + len(batch.skipped))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     gathered = dist.all_gather_object((detections, image_ids, skipped))
     metrics = None
     if dist.is_main_process():
@@ -92,7 +109,13 @@ def run_eval(args) -> int:
     from freeanchor.data.datasets import load_dataset
     from freeanchor.data.loader import build_eval_loader
     from freeanchor.eval.coco import COCOEvaluator
-    from freeanchor.eval.report import metrics_line, per_class_table, plot_pr_curve, write_summary
+    from freeanchor.eval.report import (
+        metrics_line,
+        per_class_table,
+        plot_pr_curve,
+        summary_dict,
+        write_summary,
+    )
     from freeanchor.models.weights import load_model
     from freeanchor.tta import TTADetector, tta_config
 
@@ -113,6 +136,7 @@ def run_eval(args) -> int:
                 f"{args.weights}: the model has {model.cfg.num_classes} classes but {args.ann} "
                 f"has {len(cat_ids)} categories"
             )
+        check_images_present(data, args.images)
         evaluator = COCOEvaluator(data, args.backend, cat_ids) if info.is_main else None
         max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
         if max_pixels is not None and max_pixels < 0:
@@ -133,9 +157,16 @@ def run_eval(args) -> int:
             tta_model = TTADetector(model, tta)
             detect = tta_model.batch_detector(data.records, max_pixels or None)
         results = out / "results.json" if out else None
-        metrics = evaluate(model, loader, evaluator, device, results, detect=detect)
+        progress = info.is_main and sys.stderr.isatty()  # a bar in a log file is noise
+        metrics = evaluate(model, loader, evaluator, device, results, detect=detect,
+                           progress=progress)  # fmt: skip
         if not info.is_main:
             return 0
+        if not metrics["images"]:
+            raise DatasetError(
+                f"{args.ann}: none of its {len(data.records)} images could be read from "
+                f"{args.images} ({metrics['skipped_images']} unreadable): nothing to score"
+            )
         print(data.summary())
         print(evaluator.summary_text)
         print(metrics_line(metrics))
@@ -154,7 +185,23 @@ def run_eval(args) -> int:
             run_analysis(evaluator, data.records, metrics, where, args.analyze_score_thr,
                          worst=args.analyze_worst, max_pixels=max_pixels or None)  # fmt: skip
         if args.json:
-            print(json.dumps(metrics))  # the last line: one JSON object
+            print(json.dumps(summary_dict(metrics)))  # the last line: one JSON object
         return 0
     finally:
         dist.cleanup()
+
+
+def check_images_present(data: Any, images: str | Path | None) -> None:
+    """One `DatasetError` line when the annotations name no image, or images that are not
+    under `images` (count, first missing path, the folder): a wrong --images, most often."""
+    where = data.source
+    if not data.records:
+        raise DatasetError(
+            f"{where}: no image to evaluate ({data.num_images} images in the file, none usable)"
+        )
+    missing = [r.path for r in data.records if not r.path.exists()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(data.records)} images of {where} are missing, e.g. "
+            f"{missing[0]}; is --images {images} the folder their file names are relative to?"
+        )

@@ -46,7 +46,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class TrainLogger:
-    """Console + JSONL + TensorBoard reporting of one run (a no-op when not enabled)."""
+    """Console + JSONL + TensorBoard reporting of one run (a no-op when not enabled).
+
+    Rate and ETA count training time only: the clock of an epoch starts in `start_epoch`, so
+    evaluation and checkpointing between epochs are not in s/iter. They are measured apart
+    (`end_epoch` -> next `start_epoch`) and added per epoch still to come in the overall ETA.
+    """
 
     def __init__(
         self,
@@ -67,8 +72,12 @@ class TrainLogger:
         self._want_tb = tensorboard
         self._bar = None
         self._window: dict[str, list[float]] = defaultdict(list)
-        self._t0 = time.perf_counter()
+        self._train_s = 0.0  # seconds spent in training steps (data loading included)
         self._iters_timed = 0
+        self._tick: float | None = None  # end of the last step; None between epochs
+        self._between_s = 0.0  # evaluation + checkpoint time between epochs
+        self._epochs_between = 0
+        self._epoch_end: float | None = None
         self.epoch, self.epochs, self.epoch_iters = 0, 0, 0
         if enabled:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +103,13 @@ class TrainLogger:
         else:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A warning: on the console (always) and in the log as an "info" record."""
+        if not self.enabled:
+            return
+        self._record({"type": "info", "iter": 0, "message": f"warning: {message}"})
+        self.print(f"warning: {message}")
+
     def truncate_after(self, iteration: int) -> None:
         """On resume: drop records of iterations after the checkpoint (they will be redone)."""
         if not self.enabled or not self.jsonl.is_file():
@@ -101,53 +117,97 @@ class TrainLogger:
         kept = [r for r in read_jsonl(self.jsonl) if int(r.get("iter", 0)) <= iteration]
         write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def _etas(self, iteration: int) -> tuple[float, float, float]:
+        """(s/iter of training, training ETA, overall ETA) after `iteration` steps."""
+        sec_per_iter = self._train_s / max(1, self._iters_timed)
+        if not self.total_iters:
+            return sec_per_iter, math.nan, math.nan
+        eta = sec_per_iter * max(0, self.total_iters - iteration)
+        overall = eta
+        if self.epoch_iters:
+            # end-of-epoch work still to come: this epoch's and every later one's
+            epochs_left = math.ceil(self.total_iters / self.epoch_iters) - self.epoch
+            per_epoch = self._between_s / self._epochs_between if self._epochs_between else 0.0
+            overall += per_epoch * max(0, epochs_left)
+        return sec_per_iter, eta, overall
+
     # ------------------------------------------------------------------ events
     def start_epoch(self, epoch: int, epochs: int, iters: int, start: int = 0) -> None:
         """`epoch` is 0-based; `start` batches of it were already done (resume)."""
         self.epoch, self.epochs, self.epoch_iters = epoch, epochs, iters
+        now = time.perf_counter()
+        if self._epoch_end is not None:
+            self._between_s += now - self._epoch_end
+            self._epochs_between += 1
+            self._epoch_end = None
+        self._tick = now
         if not self.enabled:
             return
         if self.tty:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=iters, initial=start, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True
+                total=iters,
+                initial=start,
+                desc=f"ep {epoch + 1}/{epochs}",
+                ncols=BAR_COLUMNS,
+                mininterval=0,  # a step takes far longer than a redraw: show every one
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
             )
 
     def log_iter(self, iteration: int, iter_in_epoch: int, values: dict[str, float]) -> None:
-        """After a finished step. `iteration` counts steps done in the run (1-based)."""
+        """After a finished step. `iteration` counts steps done in the run (1-based).
+
+        The console bar moves every step; a record (JSONL, TensorBoard, a plain line off a
+        terminal) is written at the first step, every `log_every`, at the end of each epoch
+        and at the last step, so even a 2-iteration run has a loss to plot.
+        """
+        now = time.perf_counter()
+        if self._tick is not None:
+            self._train_s += now - self._tick
+            self._iters_timed += 1
+        self._tick = now
         if not self.enabled:
             return
-        self._iters_timed += 1
         for k, v in values.items():
             self._window[k].append(float(v))
+        sec_per_iter, eta, overall = self._etas(iteration)
         if self._bar is not None:
+            loss = self._window.get("loss", [math.nan])
+            self._bar.set_postfix_str(
+                _bar_text(sum(loss) / len(loss), values.get("lr", 0.0), sec_per_iter, overall),
+                refresh=False,
+            )
             self._bar.update(1)
-        if iteration % self.log_every and iter_in_epoch != self.epoch_iters:
+        due = (
+            iteration == 1
+            or iteration % self.log_every == 0
+            or iter_in_epoch == self.epoch_iters
+            or iteration == self.total_iters
+        )
+        if not due:
             return
-        sec_per_iter = (time.perf_counter() - self._t0) / self._iters_timed
         means = {k: sum(v) / len(v) for k, v in self._window.items()}
         self._window.clear()
-        eta = sec_per_iter * (self.total_iters - iteration) if self.total_iters else math.nan
         record = {"type": "train", "epoch": self.epoch + 1, "iter": iteration, **means}
-        record.update(sec_per_iter=sec_per_iter, eta_s=eta)
+        record.update(sec_per_iter=sec_per_iter, eta_s=eta, eta_all_s=overall)
         self._record(record)
         tb = self._writer()
         if tb is not None:
             for k, v in means.items():
                 tb.add_scalar(f"train/{k}", v, iteration)
-        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "lr")
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{terms} lr {means.get('lr', 0):.2e}")
-        else:
+        if self._bar is None:
             print(
-                f"epoch {self.epoch + 1}/{self.epochs} [{iter_in_epoch}/{self.epoch_iters}] "
-                f"iter {iteration}/{self.total_iters or '?'} {terms} "
-                f"lr {means.get('lr', 0):.3e} {sec_per_iter:.3f}s/it eta {_fmt_eta(eta)}",
+                f"ep {self.epoch + 1}/{self.epochs} it {iteration}/{self.total_iters or '?'} "
+                + _bar_text(
+                    means.get("loss", math.nan), means.get("lr", 0.0), sec_per_iter, overall, eta
+                ),  # fmt: skip
                 flush=True,
             )
 
     def end_epoch(self) -> None:
+        self._tick = None
+        self._epoch_end = time.perf_counter()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -161,17 +221,18 @@ class TrainLogger:
         self.print(f"warning: iteration {iteration}: {reason}; step skipped")
 
     def log_eval(self, epoch: int, iteration: int, metrics: dict[str, float]) -> None:
-        """Scalar evaluation metrics after 1-based `epoch`."""
+        """Scalar evaluation metrics after 1-based `epoch` (COCO's 0-1 fractions)."""
         if not self.enabled:
             return
+        from freeanchor.eval.report import SCALE_NOTE, ap_fields
+
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._record({"type": "val", "epoch": epoch, "iter": iteration, **scalars})
         tb = self._writer()
         if tb is not None:
             for k, v in scalars.items():
                 tb.add_scalar(f"val/{k}", v, epoch)
-        shown = " ".join(f"{k} {scalars[k]:.4f}" for k in ("AP", "AP50", "AP75") if k in scalars)
-        self.print(f"epoch {epoch} evaluation: {shown}")
+        self.print(f"epoch {epoch} evaluation: {ap_fields(scalars)} {SCALE_NOTE}")
 
     def log_info(self, iteration: int, message: str, **fields: Any) -> None:
         if not self.enabled:
@@ -179,11 +240,78 @@ class TrainLogger:
         self._record({"type": "info", "iter": iteration, "message": message, **fields})
         self.print(message)
 
+    def check_schedule(self, tc: Any, iters_per_epoch: int, has_val: bool) -> list[str]:
+        """Warn (console and log) about a schedule that cannot work for this run's length."""
+        messages = schedule_warnings(tc, self.total_iters, iters_per_epoch, has_val)
+        for message in messages:
+            self.warn(message)
+        return messages
+
     def close(self) -> None:
         self.end_epoch()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+BAR_COLUMNS = 80  # console lines and the tty bar fit a default terminal
+
+
+def _bar_text(loss: float, lr: float, sec_per_iter: float, overall: float,
+              eta: float | None = None) -> str:  # fmt: skip
+    """ "loss 1.234 lr 1.0e-03 0.25s/it eta 4:05" (training left) "all 4:40" (with eval)."""
+    text = f"loss {loss:.3f} lr {lr:.1e} {sec_per_iter:.2f}s/it"
+    if eta is not None:
+        return f"{text} eta {_fmt_eta(eta)} all {_fmt_eta(overall)}"
+    return f"{text} eta {_fmt_eta(overall)}"
+
+
+def schedule_warnings(tc: Any, total_iters: int, iters_per_epoch: int, has_val: bool) -> list[str]:
+    """What in the lr schedule or the data set-up does not fit a run of `total_iters` steps.
+
+    Args:
+        tc: the run's `TrainConfig` (warmup_iters, warmup_ratio, lr, milestones, epochs).
+        total_iters: steps the run will take; iters_per_epoch: steps per epoch.
+        has_val: whether a validation set was given.
+    """
+    out = []
+    warmup = int(tc.warmup_iters)
+    if total_iters and warmup > total_iters // 4:
+        fix = f"use --set train.warmup_iters={total_iters // 10}, or train longer"
+        if warmup >= total_iters:
+            reached = tc.lr * (tc.warmup_ratio + (1 - tc.warmup_ratio) * total_iters / warmup)
+            out.append(
+                f"warm-up (train.warmup_iters={warmup}) is longer than this run's {total_iters} "
+                f"iterations: the lr ends at {reached:.1e}, never reaching train.lr={tc.lr:g}; "
+                + fix
+            )
+        else:
+            out.append(
+                f"warm-up (train.warmup_iters={warmup}) takes {100 * warmup / total_iters:.0f}% "
+                f"of this run's {total_iters} iterations; " + fix
+            )
+    if total_iters and iters_per_epoch:
+        run_epochs = total_iters / iters_per_epoch
+        late = [m for m in tc.milestones if m >= run_epochs]
+        if late:
+            fit = ",".join(str(max(1, round(m * run_epochs / tc.epochs))) for m in tc.milestones)
+            out.append(
+                f"lr milestones (train.milestones) {list(late)} are at or past the end of this "
+                f"run ({run_epochs:g} epochs): the lr never drops there; use "
+                f"--set train.milestones={fit}, or train longer"
+            )
+        early = [m for m in tc.milestones if m * iters_per_epoch <= warmup]
+        if early and warmup:
+            out.append(
+                f"lr milestones {early} fall inside the {warmup}-iteration warm-up: the lr "
+                f"drops before it ever reaches train.lr; lower train.warmup_iters or move them"
+            )
+    if not has_val:
+        out.append(
+            "no validation set (--val-ann and --val-images): no evaluation, no AP and no best.pt "
+            "(only last.pt and model_final.safetensors); give both to evaluate during training"
+        )
+    return out
 
 
 def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
@@ -211,7 +339,8 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
         pts = [(r["epoch"], r[key]) for r in val if key in r]
         if pts:
             ax_ap.plot(*zip(*pts, strict=True), marker="o", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP", title="validation")
+    ax_ap.set(xlabel="epoch", ylabel="AP (COCO, 0-1)", title="validation", ylim=(0, 1))
+    ax_ap.grid(alpha=0.3)
     if val:
         ax_ap.legend()
     fig.tight_layout()

@@ -99,7 +99,7 @@ def run_train(args) -> int:
             f"done: {summary['iterations']} iterations"
             + (f" ({summary['skipped_steps']} skipped)" if summary["skipped_steps"] else "")
             + (
-                f", best AP {100 * best:.2f} (epoch {summary['best_epoch']})"
+                f", best AP={best:.3f} (COCO, 0-1; epoch {summary['best_epoch']})"
                 if best is not None
                 else ""
             )

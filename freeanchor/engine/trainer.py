@@ -177,6 +177,7 @@ class Trainer:
             f"{self.iters_per_epoch} iterations/epoch"
             + (f"; resumed at iteration {self.pos.iteration}" if resume else ""),
         )
+        self.log.check_schedule(tc, self.iters_per_epoch, self.val_loader is not None)
         if kept_fresh:
             self.log.log_info(0, f"{init_weights}: {len(kept_fresh)} tensors do not fit and "
                                  f"keep their initial values, e.g. {kept_fresh[:3]}")  # fmt: skip

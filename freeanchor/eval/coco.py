@@ -6,6 +6,9 @@ reference). Results are converted as MMDetection's CocoMetric does: xyxy -> [x, 
 of the label (ascending-id order, spec 3.1), score as a Python float. Evaluation uses the
 standard parameters (maxDets 1, 10, 100); with at most 100 detections per image the AP values
 equal MMDetection's, which reports AR at 100/300/1000 instead.
+
+Every AP/AR here is COCO's own 0-1 fraction (-1: nothing to score), never percent; reports
+print them with 3 decimals and a label (`freeanchor.eval.report`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
-"""Human-readable evaluation output: per-class AP table, precision-recall plot, summary JSON."""
+"""Human-readable evaluation output: per-class AP table, precision-recall plot, summary JSON.
+
+One AP convention everywhere (console, tables, JSON, plots, training logs, the demo): COCO's
+own, fractions in [0, 1], printed with 3 decimals and labelled (`AP=0.386`, or a header that
+says "COCO, 0-1"), written to JSON at full precision beside `"ap_scale": "fraction"`. COCO's
+-1 (no ground truth to score) prints as "n/a" or "-".
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +18,27 @@ import numpy as np
 
 from freeanchor.files import atomic_path, write_json
 
+AP_SCALE = "fraction"  # the JSON tag of the convention: AP values are 0-1, not percent
+SCALE_NOTE = "(COCO, 0-1)"
+
+
+def fmt_ap(value: float | None) -> str:
+    """One AP/AR value as printed everywhere: "0.386"; "n/a" for COCO's -1 or a missing one."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def ap_fields(metrics: Mapping[str, Any], keys: Sequence[str] = ("AP", "AP50", "AP75")) -> str:
+    """ "AP=0.386 AP50=0.541 ..." for the keys present in `metrics`."""
+    return " ".join(f"{k}={fmt_ap(metrics[k])}" for k in keys if k in metrics)
+
 
 def metrics_line(metrics: Mapping[str, Any]) -> str:
-    """The 12 COCO numbers on one line, in percent ("n/a": COCO's -1, no ground truth)."""
+    """The 12 COCO numbers on one line, labelled with their scale."""
     from freeanchor.eval.coco import METRIC_NAMES
 
-    def pct(value: float) -> str:
-        return f"{100 * value:.2f}" if value >= 0 else "n/a"
-
-    return " ".join(f"{k} {pct(metrics[k])}" for k in METRIC_NAMES if k in metrics)
+    return f"{ap_fields(metrics, METRIC_NAMES)} {SCALE_NOTE}"
 
 
 def per_class_table(
@@ -28,7 +46,8 @@ def per_class_table(
     per_class_ap50: Mapping[str, float] | None = None,
     sort: str = "id",
 ) -> str:
-    """Fixed-width text table of per-class AP (values in %, '-' where a class has no GT).
+    """Fixed-width text table of per-class AP: a caption naming the scale (COCO's 0-1), a
+    header, a rule, one row per class ('-' where a class has no ground truth).
 
     Args:
         per_class: {class_name: AP} in label order (as `COCOEvaluator.evaluate` returns it).
@@ -45,11 +64,13 @@ def per_class_table(
     width = max([len("class")] + [len(name) for name in per_class])
 
     def fmt(v: float | None) -> str:
-        return f"{100 * v:7.2f}" if v is not None and v >= 0 else f"{'-':>7}"
+        text = fmt_ap(v)
+        return f"{'-' if text == 'n/a' else text:>7}"
 
     header = f"{'id':>3}  {'class':<{width}}  {'AP':>7}"
     header += f"  {'AP50':>7}" if per_class_ap50 else ""
-    lines = [header, "-" * len(header)]
+    caption = f"per-class AP {SCALE_NOTE}, '-': no ground truth"
+    lines = [caption, header, "-" * len(header)]
     for label, (name, ap) in rows:
         line = f"{label:>3}  {name:<{width}}  {fmt(ap)}"
         if per_class_ap50:
@@ -98,9 +119,9 @@ def plot_pr_curve(coco_eval: Any, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for label, prec in curves.items():
         ap = float(np.mean(prec)) if np.isfinite(prec).all() else float("nan")
-        ax.plot(recall, prec, label=f"{label} (AP {100 * ap:.1f})")
+        ax.plot(recall, prec, label=f"{label} (AP={fmt_ap(ap)})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("COCO box precision-recall (class mean)")
+    ax.set_title(f"COCO box precision-recall (class mean), AP {SCALE_NOTE}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     with atomic_path(path) as tmp:
@@ -121,7 +142,11 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def summary_dict(metrics: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """Metrics (full precision, 0-1) + `"ap_scale": "fraction"` + extra fields, JSON-safe."""
+    return _json_safe({**metrics, "ap_scale": AP_SCALE, **extra})
+
+
 def write_summary(path: str | Path, metrics: Mapping[str, Any], **extra: Any) -> Path:
-    """Write metrics (+ extra fields, e.g. weights, ann_file) as indented JSON, atomically."""
-    return write_json(path, _json_safe({**metrics, **extra}))
-    return path
+    """Write `summary_dict(metrics, **extra)` (e.g. weights, ann_file) as indented JSON."""
+    return write_json(path, summary_dict(metrics, **extra))

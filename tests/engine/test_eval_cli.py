@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -129,3 +130,53 @@ def test_other_user_mistakes(eval_setup, tmp_path, capsys):
     code = main(["eval", "--weights", str(weights), "--ann", str(ann7), "--images", str(img),
                  "--device", "cpu"])  # fmt: skip
     _one_line_error(capsys, code, "[2]", "moved.json")
+
+
+def test_eval_json_is_labelled_as_fractions(eval_setup, capsys):
+    ann, img, weights, _ = eval_setup
+    code = main(["eval", "--weights", str(weights), "--ann", str(ann), "--images", str(img),
+                 "--device", "cpu", "--workers", "0", "--json"])  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert json.loads(out[-1])["ap_scale"] == "fraction"
+    assert any(line.startswith("AP=") and line.endswith("(COCO, 0-1)") for line in out)
+    assert any(line.startswith("per-class AP (COCO, 0-1)") for line in out)
+
+
+def test_eval_with_the_wrong_image_folder_exits_2(eval_setup, tmp_path, capsys):
+    ann, _, weights, _ = eval_setup
+    wrong = tmp_path / "val2017"
+    wrong.mkdir()
+    code = main(["eval", "--weights", str(weights), "--ann", str(ann), "--images", str(wrong),
+                 "--device", "cpu", "--workers", "0"])  # fmt: skip
+    _one_line_error(capsys, code, "4 of 4 images", str(wrong / "0000.png"), f"--images {wrong}")
+
+
+def test_eval_with_nothing_to_score_exits_2(eval_setup, tmp_path, capsys):
+    ann, img, weights, _ = eval_setup
+    data = json.loads(ann.read_text())
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    code = main(["eval", "--weights", str(weights), "--ann", str(empty), "--images", str(img),
+                 "--device", "cpu", "--workers", "0"])  # fmt: skip
+    _one_line_error(capsys, code, "empty.json", "no image to evaluate")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in (p.name for p in img.iterdir()):
+        (broken / name).write_text("not an image")
+    code = main(["eval", "--weights", str(weights), "--ann", str(ann), "--images", str(broken),
+                 "--device", "cpu", "--workers", "0"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "nothing to score" in err[-1] and "4 unreadable" in err[-1], err
+
+
+def test_eval_progress_bar_on_a_terminal_only(eval_setup, capsys, monkeypatch):
+    ann, img, weights, _ = eval_setup
+    args = ["eval", "--weights", str(weights), "--ann", str(ann), "--images", str(img),
+            "--device", "cpu", "--workers", "0", "--batch-size", "2"]  # fmt: skip
+    assert main(args) == 0
+    assert "img/s" not in capsys.readouterr().err  # not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "eval" in err and "4/4" in err

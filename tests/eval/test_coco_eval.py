@@ -154,11 +154,12 @@ def test_hand_computed_ap(tmp_path):
         curve = pr_curves(ev.coco_eval.eval["precision"])["IoU=0.50"]
         np.testing.assert_allclose(curve, [1.0] * 51 + [2 / 3] * 50)
         text = per_class_table(m["per_class"], m["per_class_ap50"], sort="name")
-        lines = text.splitlines()
-        assert len({len(line) for line in lines}) == 1  # fixed width
-        assert lines[2].split() == ["1", "absent", "-", "-"]
-        ap_text = f"{100 * expected_ap:.2f}"
-        assert lines[3].split() == ["0", "thing", ap_text, ap_text]
+        lines = text.splitlines()  # caption, header, rule, rows
+        assert "(COCO, 0-1)" in lines[0]
+        assert len({len(line) for line in lines[1:]}) == 1  # fixed width
+        assert lines[3].split() == ["1", "absent", "-", "-"]
+        ap_text = f"{expected_ap:.3f}"  # COCO's 0-1 fraction, 3 decimals
+        assert lines[4].split() == ["0", "thing", ap_text, ap_text]
 
 
 def test_zero_detections(tmp_path):
@@ -225,9 +226,10 @@ def test_reports(tmp_path):
     assert np.nanmean(curves["IoU=0.50"]) == pytest.approx(m["AP50"], abs=1e-12)
     assert np.nanmean(curves["IoU=0.50:0.95"]) == pytest.approx(m["AP"], abs=1e-12)
     table = per_class_table(m["per_class"])
-    assert [line.split()[1] for line in table.splitlines()[2:]] == ["cat2", "cat5", "cat9", "cat11"]
+    assert [line.split()[1] for line in table.splitlines()[3:]] == ["cat2", "cat5", "cat9", "cat11"]
     assert table.splitlines()[-1].split() == ["3", "cat11", "-"]  # no GT of category 11
     out = write_summary(tmp_path / "summary.json", m, weights="w.safetensors", bad=math.nan)
     data = json.loads(out.read_text())
     assert data["AP"] == m["AP"] and data["weights"] == "w.safetensors" and data["bad"] is None
+    assert data["ap_scale"] == "fraction"
     assert data["per_class"]["cat11"] == -1.0
