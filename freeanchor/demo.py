@@ -129,6 +129,20 @@ def _ap_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an OUT that is a file or holds an earlier demo's run (runs never mix)."""
+    from freeanchor.engine.rundir import RUN_FILES
+
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out}: is a file, not a folder")
+    found = [name for name in RUN_FILES if (out / "train" / name).exists()]
+    if found:
+        raise OptionError(
+            f"--out {out} holds an earlier demo run ({out / 'train' / found[0]}): "
+            "give another --out, or delete that folder"
+        )
+
+
 def run_demo(args) -> int:
     """Generate, train, evaluate, draw; print the figures and a final JSON line."""
     from freeanchor.data.synthetic import make_dataset
@@ -142,6 +156,7 @@ def run_demo(args) -> int:
     iters = getattr(args, "iters", None)
     if iters is not None and iters < 1:
         raise OptionError(f"--iters must be >= 1, got {iters}")
+    _check_out(out)
     seed = getattr(args, "seed", 0)
     threads, why = choose_threads(getattr(args, "threads", None))
     num_train = getattr(args, "num_train", None) or NUM_TRAIN

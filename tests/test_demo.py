@@ -41,6 +41,18 @@ def test_short_demo_runs_end_to_end(tmp_path):
     val = [json.loads(r) for r in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in val if r["type"] == "val"] == [1, 1.5]  # every epoch, the end
     assert len(json.loads((out / "data" / "val" / "annotations.json").read_text())["images"]) == 6
+    # a second demo into the same folder is refused before anything is overwritten
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--out" in again.stderr and "earlier demo" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
+    from freeanchor.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "f"), "--iters", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_demo_rejects_bad_iters(capsys):
