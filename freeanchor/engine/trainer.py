@@ -141,8 +141,7 @@ class Trainer:
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        model = FreeAnchor(cfg.model)
-        model.loss_fn.normalize, model.loss_fn.imgs_per_gpu = tc.normalize, tc.imgs_per_gpu
+        model = FreeAnchor(cfg.model, normalize=tc.normalize, imgs_per_gpu=tc.imgs_per_gpu)
         kept_fresh: list[str] = []
         if not resume and tc.pretrained:
             _load_pretrained(model.backbone, tc.pretrained)

@@ -1,7 +1,8 @@
-"""The FreeAnchor detector: backbone -> FPN -> RetinaNet head, trained with the FreeAnchor loss.
+"""The FreeAnchor detector: backbone -> FPN -> RetinaNet head, trained with the FreeAnchor loss
+(or RetinaNet's own, `model.loss=retinanet`, the baseline of `freeanchor compare`).
 
 `forward` returns raw per-level head outputs (export-clean); `loss` adds anchors and the
-FreeAnchor loss; `detect` adds the test-time post-processing; `predict` runs the whole
+training loss (`loss_fn`); `detect` adds the test-time post-processing; `predict` runs the whole
 test-time pipeline (`freeanchor.inference`) on files, folders, globs, PIL images, arrays or
 tensors and returns `Results`.
 
@@ -36,6 +37,7 @@ from freeanchor.models.fpn import FPN
 from freeanchor.models.head import RetinaHead
 from freeanchor.models.loss import FreeAnchorLoss
 from freeanchor.models.postprocess import decode_outputs
+from freeanchor.models.retinanet_loss import RetinaNetLoss
 from freeanchor.results import SCORE_THR, Results
 
 
@@ -50,35 +52,62 @@ class CheckpointData(Protocol):
 
 
 class FreeAnchor(nn.Module):
-    """RetinaNet-architecture detector with the FreeAnchor loss (MMDetection layout)."""
+    """RetinaNet-architecture detector (MMDetection layout), trained with a pluggable loss.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Every part is a constructor argument with the standard default built from `cfg`
+    (torchvision style), so a part can be swapped without a registry:
+
+        model = FreeAnchor(cfg)                                  # backbone, FPN, head, loss
+        model = FreeAnchor(cfg, head=MyHead(...))                # a user-defined head
+        model = FreeAnchor(cfg, loss=RetinaNetLoss(cfg.num_classes, box_coder=coder))
+
+    Args:
+        cfg: the architecture and the default parts' settings.
+        backbone: gives C3..C5 (a list of 3 maps) and has `out_channels` (their channels).
+        fpn: C3..C5 -> one map per anchor level (`len(cfg.strides)`).
+        head: levels -> (cls_scores, bbox_preds) per level, [N, A*C, H_l, W_l] and
+            [N, A*4, H_l, W_l] with channel a*C + c (A = anchors per location, 9 by default).
+        loss: (cls_scores, bbox_preds, anchors [A_all, 4], gt_boxes, gt_labels, num_gts)
+            -> dict of scalar terms; default `build_loss(cfg, ...)` (`cfg.loss` picks it).
+        box_coder: decodes the deltas at test time; it must be the coder the loss encodes
+            with (default: `cfg.target_stds`).
+        normalize, imgs_per_gpu: the default loss's normaliser (see `FreeAnchorLoss`);
+            ignored when `loss` is given.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backbone: nn.Module | None = None,
+        fpn: nn.Module | None = None,
+        head: nn.Module | None = None,
+        loss: nn.Module | None = None,
+        box_coder: DeltaXYWHCoder | None = None,
+        normalize: str = "local",
+        imgs_per_gpu: int = 2,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg)
-        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, num_outs=len(cfg.strides))
+        # The default parts are built in this order (backbone, FPN, head), which fixes the
+        # random initial weights for a seed: a default model is bitwise the same as before.
+        if backbone is None:
+            backbone = build_backbone(cfg)
+        if fpn is None:
+            fpn = FPN(backbone.out_channels, cfg.fpn_channels, num_outs=len(cfg.strides))
+        self.backbone, self.fpn = backbone, fpn
         self.anchor_generator = AnchorGenerator(
             cfg.strides, cfg.ratios, cfg.octave_base_scale, cfg.scales_per_octave
         )
-        self.head = RetinaHead(
-            cfg.num_classes,
-            in_channels=cfg.fpn_channels,
-            feat_channels=cfg.feat_channels,
-            stacked_convs=cfg.stacked_convs,
-            num_anchors=self.anchor_generator.num_base_anchors,
-            prior_prob=cfg.prior_prob,
-        )
-        self.box_coder = DeltaXYWHCoder(cfg.target_stds)
-        self.loss_fn = FreeAnchorLoss(
-            cfg.num_classes,
-            pre_anchor_topk=cfg.pre_anchor_topk,
-            bbox_thr=cfg.bbox_thr,
-            gamma=cfg.gamma,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            bbox_weight=cfg.bbox_weight,
-            box_coder=self.box_coder,
-        )
+        if head is None:
+            head = RetinaHead(cfg.num_classes, in_channels=cfg.fpn_channels,
+                              feat_channels=cfg.feat_channels, stacked_convs=cfg.stacked_convs,
+                              num_anchors=self.anchor_generator.num_base_anchors,
+                              prior_prob=cfg.prior_prob)  # fmt: skip
+        self.head = head
+        self.box_coder = box_coder or DeltaXYWHCoder(cfg.target_stds)
+        if loss is None:
+            loss = build_loss(cfg, self.box_coder, normalize, imgs_per_gpu)
+        self.loss_fn = loss
         # Plain metadata a checkpoint carried (e.g. the dataset's "cat_ids"); see weights.py.
         self.extra: dict = {}
 
@@ -119,7 +148,7 @@ class FreeAnchor(nn.Module):
         gt_labels: Sequence[Tensor],
         num_gts: float | Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """FreeAnchor loss of a batch.
+        """Training loss (`loss_fn`: FreeAnchor's or RetinaNet's) of a batch.
 
         Args:
             images: [N, 3, H, W] normalised, padded.
@@ -129,7 +158,8 @@ class FreeAnchor(nn.Module):
                 summed over all processes); default this batch's.
 
         Returns:
-            {"positive_bag_loss": scalar, "negative_bag_loss": scalar}.
+            the loss terms, e.g. {"positive_bag_loss": scalar, "negative_bag_loss": scalar}
+            (FreeAnchor) or {"loss_cls": scalar, "loss_bbox": scalar} (RetinaNet).
         """
         cls_scores, bbox_preds = self(images)
         sizes = [tuple(s.shape[-2:]) for s in cls_scores]
@@ -231,6 +261,39 @@ class FreeAnchor(nn.Module):
         finally:
             self.train(was_training)
         return [results[i] for i in sorted(results)]
+
+
+def build_loss(
+    cfg: ModelConfig,
+    box_coder: DeltaXYWHCoder | None = None,
+    normalize: str = "local",
+    imgs_per_gpu: int = 2,
+) -> nn.Module:
+    """The training loss `cfg.loss` names: "freeanchor" (learned matching, the default) or
+    "retinanet" (max-IoU matching, focal + L1; use it with `cfg.target_stds` 1.0, RetinaNet's
+    own coder, as `freeanchor.models.retinanet_loss.retinanet_config` sets).
+
+    Args:
+        box_coder: the coder the box targets are encoded with (default `cfg.target_stds`).
+        normalize, imgs_per_gpu: "local" (per chunk of `imgs_per_gpu` images, the reference)
+            or "global" (one normaliser for the batch).
+    """
+    coder = box_coder or DeltaXYWHCoder(cfg.target_stds)
+    if cfg.loss == "retinanet":
+        return RetinaNetLoss(cfg.num_classes, normalize=normalize, imgs_per_gpu=imgs_per_gpu,
+                             box_coder=coder)  # fmt: skip
+    return FreeAnchorLoss(
+        cfg.num_classes,
+        pre_anchor_topk=cfg.pre_anchor_topk,
+        bbox_thr=cfg.bbox_thr,
+        gamma=cfg.gamma,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        bbox_weight=cfg.bbox_weight,
+        normalize=normalize,
+        imgs_per_gpu=imgs_per_gpu,
+        box_coder=coder,
+    )
 
 
 def build_model(
