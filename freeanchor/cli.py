@@ -7,6 +7,7 @@
     freeanchor export --weights W --out model.onnx [--with-nms] [--dynamic]
     freeanchor convert SRC.pth DST
     freeanchor benchmark --model NAME [--device cpu|cuda] [--compare torchvision]
+    freeanchor compare --losses freeanchor,retinanet --seeds 0,1,2 (--demo | --train-ann ...)
     freeanchor config [--model M] [--config FILE] [--set A.B=V ...] [--json]
     freeanchor data check SRC [--images DIR] [--split S] [--show N --out DIR] [--json]
     freeanchor data convert SRC --out FILE.json [--images DIR] [--split S]
@@ -214,6 +215,29 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="FreeAnchor vs RetinaNet loss: same data, model, budget")
+    p.add_argument("--losses", default="freeanchor,retinanet", help="comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; one run per loss and seed")
+    p.add_argument("--out", default="compare", help="output folder (runs, table, plot, JSON)")
+    p.add_argument("--demo", action="store_true", help="the demo's synthetic data and config")
+    p.add_argument("--num-train", type=int, help="--demo: training images to generate")
+    p.add_argument("--num-val", type=int, help="--demo: validation images to generate")
+    p.add_argument("--iters", type=int, help="training iterations of every run (the budget)")
+    p.add_argument("--eval-every", type=int, help="epochs between evaluations (AP curve)")
+    p.add_argument("--config", help="a saved config.json to start from (as train)")
+    p.add_argument("--model", choices=sorted(PRESETS), help="preset, as train")
+    for flag in ("--train-ann", "--train-images", "--val-ann", "--val-images", "--pretrained",
+                 "--device", "--amp"):  # fmt: skip
+        p.add_argument(flag, help="as train")
+    p.add_argument("--epochs", type=int, help="as train")
+    p.add_argument("--batch-size", type=int, help="as train")
+    p.add_argument("--lr", type=float, help="as train")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                   help="override a config field of every run, as train")  # fmt: skip
+    p.set_defaults(func=lambda a: _lazy("freeanchor.tools.compare", "run_compare")(a))
+
+
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config", help="print the resolved config: each field's value, default, meaning"
@@ -271,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"freeanchor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_export, _add_convert,
-                _add_benchmark, _add_config, _add_data):  # fmt: skip
+                _add_benchmark, _add_compare, _add_config, _add_data):  # fmt: skip
         add(sub)
     return parser
 
