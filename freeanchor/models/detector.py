@@ -70,7 +70,8 @@ class FreeAnchor(nn.Module):
         loss: (cls_scores, bbox_preds, anchors [A_all, 4], gt_boxes, gt_labels, num_gts)
             -> dict of scalar terms; default `build_loss(cfg, ...)` (`cfg.loss` picks it).
         box_coder: decodes the deltas at test time; it must be the coder the loss encodes
-            with (default: `cfg.target_stds`).
+            with (default: the given loss's `box_coder`, else `cfg.target_stds`). A checkpoint
+            records `cfg` only: make `cfg` describe a given loss (e.g. `retinanet_config`).
         normalize, imgs_per_gpu: the default loss's normaliser (see `FreeAnchorLoss`);
             ignored when `loss` is given.
     """
@@ -104,7 +105,9 @@ class FreeAnchor(nn.Module):
                               num_anchors=self.anchor_generator.num_base_anchors,
                               prior_prob=cfg.prior_prob)  # fmt: skip
         self.head = head
-        self.box_coder = box_coder or DeltaXYWHCoder(cfg.target_stds)
+        if box_coder is None:  # decode as the loss encodes
+            box_coder = getattr(loss, "box_coder", None) or DeltaXYWHCoder(cfg.target_stds)
+        self.box_coder = box_coder
         if loss is None:
             loss = build_loss(cfg, self.box_coder, normalize, imgs_per_gpu)
         self.loss_fn = loss

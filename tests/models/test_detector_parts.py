@@ -86,6 +86,12 @@ def test_config_picks_the_loss_and_its_coder():
     assert _cfg("retinanet").num_classes == 2 and _cfg().loss == "freeanchor"  # a copy
 
 
+def test_a_given_loss_brings_its_coder_for_decoding():
+    model = FreeAnchor(_cfg(), loss=RetinaNetLoss(2))
+    assert model.box_coder is model.loss_fn.box_coder
+    assert model.box_coder.stds == RETINANET_STDS
+
+
 def test_normaliser_settings_reach_the_loss_at_construction():
     for loss in ("freeanchor", "retinanet"):
         model = FreeAnchor(_cfg(loss), normalize="global", imgs_per_gpu=4)
