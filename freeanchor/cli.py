@@ -235,6 +235,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="as train")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                    help="override a config field of every run, as train")  # fmt: skip
+    add_imgsz(p, also="set")
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.compare", "run_compare")(a))
 
 
