@@ -82,16 +82,16 @@ def _differences(pairs: list[tuple[dict, dict]], metric: str) -> dict[str, float
 
 def format_table(summary: dict[str, Any], seeds: list[int]) -> str:
     """The summary as text: percent, median [min-max] over the seeds."""
-    head = f"{'':<24}" + "".join(f"{m:>20}" for m in METRICS)
+    head = f"{'':<24}" + "".join(f"{m:>24}" for m in METRICS)
     lines = [f"COCO box AP (%), median [min-max] over seeds {seeds}", head]
     for name, row in summary.items():
 
         def cell(s: dict[str, float]) -> str:
             if s["median"] == -1 and s["min"] == -1:  # COCO's -1: no gt of that size
-                return f"{'n/a':>20}"
-            return f"{100 * s['median']:>8.2f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
+                return f"{'n/a':>24}"
+            return f"{100 * s['median']:>8.2f} [{100 * s['min']:.2f}, {100 * s['max']:.2f}]"
 
-        lines.append(f"{name:<24}" + "".join(f"{cell(row[m]):>20}" for m in METRICS))
+        lines.append(f"{name:<24}" + "".join(f"{cell(row[m]):>24}" for m in METRICS))
     return "\n".join(lines)
 
 
