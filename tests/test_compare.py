@@ -27,7 +27,8 @@ def test_summary_is_median_min_max_and_paired_differences():
     assert diff["median"] == pytest.approx(0.05) and diff["min"] == pytest.approx(-0.15)
     assert s["freeanchor - retinanet"]["APl"]["median"] == -1  # no large objects: n/a
     table = format_table(s, [0, 1, 2])
-    assert "20.00 [10.00, 30.00]" in table and "5.00 [-15.00, 10.00]" in table and "n/a" in table
+    assert "0.200 [0.100, 0.300]" in table and "0.050 [-0.150, 0.100]" in table and "n/a" in table
+    assert "(COCO, 0-1)" in table
 
 
 def test_only_the_loss_coder_seed_and_work_dir_differ(tmp_path):

@@ -81,15 +81,15 @@ def _differences(pairs: list[tuple[dict, dict]], metric: str) -> dict[str, float
 
 
 def format_table(summary: dict[str, Any], seeds: list[int]) -> str:
-    """The summary as text: percent, median [min-max] over the seeds."""
+    """The summary as text: COCO's 0-1 fractions, median [min-max] over the seeds."""
     head = f"{'':<24}" + "".join(f"{m:>24}" for m in METRICS)
-    lines = [f"COCO box AP (%), median [min-max] over seeds {seeds}", head]
+    lines = [f"COCO box AP (COCO, 0-1), median [min-max] over seeds {seeds}", head]
     for name, row in summary.items():
 
         def cell(s: dict[str, float]) -> str:
             if s["median"] == -1 and s["min"] == -1:  # COCO's -1: no gt of that size
                 return f"{'n/a':>24}"
-            return f"{100 * s['median']:>8.2f} [{100 * s['min']:.2f}, {100 * s['max']:.2f}]"
+            return f"{s['median']:>8.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
         lines.append(f"{name:<24}" + "".join(f"{cell(row[m]):>24}" for m in METRICS))
     return "\n".join(lines)
@@ -198,7 +198,8 @@ def run_compare(args) -> int:
     write_text(out / "compare.txt", text)
     plot = plot_runs(runs, out / "compare.png")
     write_json(out / "compare.json", {"losses": losses, "seeds": seeds, "budget": budget,
-                                      "summary": summary, "runs": runs})  # fmt: skip
+                                      "ap_scale": "fraction", "summary": summary,
+                                      "runs": runs})  # fmt: skip
     print(text + f"plot: {plot}\nJSON: {out / 'compare.json'}")
     print(json.dumps({k: v["AP"]["median"] for k, v in summary.items()}), flush=True)
     return 0
