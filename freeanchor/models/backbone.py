@@ -144,7 +144,9 @@ class ResNetBackbone(ResNet):
         return [c3, c4, c5]
 
     def _forward_inference(self, x: Tensor) -> list[Tensor]:
-        if self.channels_last:
+        # Not while exporting: a memory format makes the exporters guard on sizes being 1,
+        # which breaks the dynamic batch / height / width of the ONNX graph.
+        if self.channels_last and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.fold_bn:
             return self._forward_plain(x)
