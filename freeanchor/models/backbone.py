@@ -146,7 +146,7 @@ class ResNetBackbone(ResNet):
     def _forward_inference(self, x: Tensor) -> list[Tensor]:
         # Not while exporting: a memory format makes the exporters guard on sizes being 1,
         # which breaks the dynamic batch / height / width of the ONNX graph.
-        if self.channels_last and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if self.channels_last and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.fold_bn:
             return self._forward_plain(x)
