@@ -212,6 +212,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--plain", action="store_true",
+                   help="ours without eval-mode BN folding and channels_last (A/B)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads per model (default torch's)")
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 
 

@@ -1,7 +1,7 @@
-"""`freeanchor benchmark`: inference fps (end to end and model-only), train step time and
-peak memory, each after warm-up over several repeats; with `--compare torchvision`, the same
-for torchvision's RetinaNet R-50 FPN (random weights, same input, batch, dtype, device) in the
-same run, and the ratios.
+"""`freeanchor benchmark`: inference img/s (end to end and model only), train step time and
+peak memory over several repeats; with `--compare torchvision`, the same for torchvision's
+RetinaNet of the same depth (random weights, same input, batch, dtype, device) in the same run,
+and the ratios.
 
     freeanchor benchmark --model freeanchor_r50_fpn_1x_coco --size 1216x800 --compare torchvision
     freeanchor benchmark --device cuda --dtype bf16 --batch-size 16 --train --compare torchvision
@@ -9,269 +9,204 @@ same run, and the ratios.
 End to end = the test-time pipeline (`freeanchor.inference.Pipeline`) on uint8 images: resize
 (a no-op: the images already have the benchmark size and the pipeline's scale is set to it) ->
 normalise -> pad -> network -> decode + NMS -> rescale (the images start on the CPU, for both
-models). Peak memory: CUDA max_memory_allocated on a GPU; on the CPU the peak resident set of
-the phase above its start (Linux VmHWM).
+models); torchvision's is its model called on the images (its own transform and
+post-processing).
+
+Each model runs in its own worker process per phase (`benchmark_worker.py`), so each peak
+memory is that model's own; the repeats are interleaved (ours, peer, ours, peer, ...) so load
+on a shared machine hits both alike. Every figure is the median over the repeats with its
+min-max; a ratio is the median of the per-round ratios with their min-max, of wall time and of
+each process's CPU time (on a machine shared with other jobs the CPU-time ratio moves less). A
+spread (max - min over the median) above 10 % is warned about. Figures not measured print "—"
+(null in JSON).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
+import statistics
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
 
-from freeanchor.data.transforms import normalize, pad_batch
 from freeanchor.errors import OptionError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SPREAD_WARN = 0.10  # spread above which a figure is flagged
+# figure -> (title, phase, command, per image: figure = batch / seconds)
+FIGURES = {
+    "e2e_fps": ("e2e img/s", "infer", "e2e", True),
+    "model_fps": ("model img/s", "infer", "model", True),
+    "train_step_s": ("train s/step", "train", "train", False),
+    "train_img_s": ("train img/s", "train", "train", True),
+}
 
 
 @dataclass
-class Measurement:
+class Stat:
+    median: float
+    min: float
+    max: float
+    repeats: int
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median."""
+        return (self.max - self.min) / self.median if self.median else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "spread_pct": round(100 * self.spread, 1)}
+
+    def text(self) -> str:
+        return f"{self.median:.3g} ({self.min:.3g}-{self.max:.3g})"
+
+
+def stat(values: list[float]) -> Stat:
+    return Stat(statistics.median(values), min(values), max(values), len(values))
+
+
+@dataclass
+class ModelRun:
     name: str
-    e2e_fps: float = 0.0
-    model_fps: float = 0.0
-    train_step_s: float = 0.0
-    train_img_s: float = 0.0
-    infer_peak_mb: float = 0.0
-    train_peak_mb: float = 0.0
-    extra: dict = field(default_factory=dict)
+    peer_note: str = ""
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # command -> per repeat
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)  # the process's CPU time
+    peaks: dict[str, float | None] = field(default_factory=dict)  # phase -> MB
 
 
-def _rss_mb(field: str = "VmRSS") -> float:
-    """Resident MB now (VmRSS) or the high-water mark (VmHWM) of this process, Linux only."""
+class _Worker:
+    """A `benchmark_worker` process: one model, one phase, one command at a time."""
+
+    def __init__(self, role: str, phase: str, args) -> None:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        spec = {"role": role, "phase": phase, "model": args.model, "weights": args.weights,
+                "device": args.device, "batch_size": args.batch_size, "dtype": args.dtype,
+                "size": [w, h], "warmup": args.warmup, "channels_last": args.channels_last,
+                "compile": args.compile, "plain": getattr(args, "plain", False),
+                "threads": getattr(args, "threads", None)}  # fmt: skip
+        cmd = [sys.executable, "-m", "freeanchor.tools.benchmark_worker", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _run_phase(phase: str, roles: list[str], runs: dict[str, ModelRun], args) -> None:
+    workers = {role: _Worker(role, phase, args) for role in roles}  # built side by side
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+        for role, worker in workers.items():
+            info = worker.read()["ready"]
+            runs[role].name, runs[role].peer_note = info["name"], info["peer_note"]
+        commands = sorted({c for _, p, c, _ in FIGURES.values() if p == phase})
+        for _ in range(args.repeats):
+            for cmd in commands:
+                for role, worker in workers.items():  # interleaved: ours, peer, ours, ...
+                    reply = worker.ask(cmd)
+                    runs[role].seconds.setdefault(cmd, []).append(reply["s"])
+                    runs[role].cpu_seconds.setdefault(cmd, []).append(reply["cpu_s"])
+        for role, worker in workers.items():
+            runs[role].peaks[phase] = worker.ask("peak")["peak_mb"]
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
-def _reset_peak_rss() -> None:
-    # "5" resets VmHWM to the current RSS, so each phase gets its own peak.
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+def _figures(run: ModelRun, batch: int) -> dict[str, Stat | None]:
+    figs: dict[str, Stat | None] = {}
+    for key, (_, _, cmd, per_image) in FIGURES.items():
+        secs = run.seconds.get(cmd)
+        figs[key] = None if not secs else stat([batch / s if per_image else s for s in secs])
+    return figs
 
 
-class _Peak:
-    """Peak memory of a phase: CUDA allocator peak, or the CPU peak RSS above its start."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> _Peak:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_peak_rss()
-        self.base = _rss_mb()
-        self.mb = 0.0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self.mb = max(0.0, _rss_mb("VmHWM") - self.base)
+def _ratios(ours: ModelRun, peer: ModelRun) -> dict[str, Stat]:
+    """Per-round ratios of ours to the peer's (paired by the interleaving), of wall time and
+    of CPU time (`*_cpu`: less sensitive to other jobs on a loaded machine)."""
+    pairs = {"e2e_speedup": "e2e", "model_speedup": "model", "train_step_ratio": "train"}
+    out = {}
+    for key, cmd in pairs.items():
+        for suffix, ours_s, peer_s in (("", ours.seconds, peer.seconds),
+                                       ("_cpu", ours.cpu_seconds, peer.cpu_seconds)):  # fmt: skip
+            if cmd in ours_s and cmd in peer_s:
+                a, b = ours_s[cmd], peer_s[cmd]
+                # speed-ups: peer time / our time; the train ratio: our time / the peer's.
+                out[key + suffix] = stat(
+                    [o / p if key == "train_step_ratio" else p / o for o, p in zip(a, b)]
+                )
+    for key, phase in (("infer_peak_mem_ratio", "infer"), ("train_peak_mem_ratio", "train")):
+        o, p = ours.peaks.get(phase), peer.peaks.get(phase)
+        if o is not None and p:
+            out[key] = Stat(o / p, o / p, o / p, 1)
+    return out
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds per call after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _fake_targets(n: int, h: int, w: int, device: torch.device, classes: int):
-    g = torch.Generator().manual_seed(0)
-    boxes, labels = [], []
-    for _ in range(n):
-        xy = torch.rand(8, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-        wh = 32 + torch.rand(8, 2, generator=g) * torch.tensor([w * 0.25, h * 0.25])
-        boxes.append(torch.cat([xy, xy + wh], 1).to(device))
-        labels.append(torch.randint(0, classes, (8,), generator=g).to(device))
-    return boxes, labels
-
-
-def _measure(
-    name: str,
-    model: nn.Module,
-    forward: Callable[[torch.Tensor], object],
-    end_to_end: Callable[[list[torch.Tensor]], object],
-    train_loss: Callable[[torch.Tensor, list, list], torch.Tensor] | None,
-    args,
-    device: torch.device,
-) -> Measurement:
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    n = args.batch_size
-    autocast = (
-        torch.autocast(device.type, dtype=DTYPES[args.dtype])
-        if args.dtype != "fp32"
-        else nullcontext()
-    )
-    g = torch.Generator().manual_seed(0)
-    raw = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(n)]
-    batch = pad_batch([normalize(im) for im in raw]).to(device)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = batch.contiguous(memory_format=fmt)
-    m = Measurement(name)
-    model.eval()
-    with torch.inference_mode(), autocast, _Peak(device) as peak:
-        m.model_fps = n / _time(lambda: forward(batch), device, args.warmup, args.repeats)
-        m.e2e_fps = n / _time(lambda: end_to_end(raw), device, args.warmup, args.repeats)
-    m.infer_peak_mb = peak.mb
-    if args.train and train_loss is not None:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-        boxes, labels = _fake_targets(n, h, w, device, 80)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss = train_loss(batch, boxes, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 35.0)
-            opt.step()
-
-        with _Peak(device) as peak:
-            m.train_step_s = _time(step, device, max(1, args.warmup), max(3, args.repeats // 2))
-        m.train_img_s = n / m.train_step_s
-        m.train_peak_mb = peak.mb
-    return m
-
-
-def _ours(args, device: torch.device) -> Measurement:
-    import dataclasses
-
-    from freeanchor.inference import Pipeline
-    from freeanchor.models.detector import build_model
-    from freeanchor.models.postprocess import decode_outputs
-    from freeanchor.models.weights import load_model
-
-    model = load_model(args.weights, device) if args.weights else build_model(args.model)
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if args.compile else model
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    # The pipeline's scale = the benchmark size, so its resize keeps the images as they are.
-    cfg = dataclasses.replace(model.cfg, input_scale=(max(w, h), min(w, h)))
-
-    def detect(batch, metas, score_thr):
-        batch = batch.to(device).contiguous(memory_format=fmt)
-        cls_scores, bbox_preds = forward(batch)
-        return decode_outputs(
-            cls_scores, bbox_preds, metas, model.anchor_generator, model.box_coder, cfg, score_thr
-        )
-
-    pipeline = Pipeline(cfg, detect, batch_size=args.batch_size)
-
-    def end_to_end(raw: list[torch.Tensor]):
-        return list(pipeline.run(raw))
-
-    def train_loss(batch, boxes, labels):
-        return sum(model.loss(batch, boxes, labels).values())
-
-    return _measure(args.model, model, forward, end_to_end, train_loss, args, device)
-
-
-def _torchvision(args, device: torch.device) -> Measurement:
-    from torchvision.models.detection import retinanet_resnet50_fpn
-
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    # min/max size equal to the input: torchvision's internal transform then does not resize.
-    tv = retinanet_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=91, min_size=min(h, w),
-        max_size=max(h, w), detections_per_img=100,
-    ).to(device)  # fmt: skip
-    if args.channels_last:
-        tv = tv.to(memory_format=torch.channels_last)
-
-    def forward(batch):
-        feats = list(tv.backbone(batch).values())
-        return tv.head(feats)
-
-    def end_to_end(raw):
-        return tv([im.to(device).float() / 255 for im in raw])
-
-    def train_loss(batch, boxes, labels):
-        images = [im for im in batch]
-        targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(boxes, labels)]
-        return sum(tv(images, targets).values())
-
-    return _measure("torchvision_retinanet_r50", tv, forward, end_to_end, train_loss, args, device)
+def _cell(value: Stat | float | None) -> str:
+    if value is None:
+        return "—"
+    return value.text() if isinstance(value, Stat) else f"{value:.0f}"
 
 
 def run_benchmark(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    results = [_ours(args, device)]
-    if args.compare == "torchvision":
-        results.append(_torchvision(args, device))
-    cols = [
-        ("e2e_fps", "e2e img/s"),
-        ("model_fps", "model img/s"),
-        ("train_step_s", "train s/step"),
-        ("train_img_s", "train img/s"),
-        ("infer_peak_mb", "infer peak MB"),
-        ("train_peak_mb", "train peak MB"),
-    ]
-    print(f"device {device} ({_device_name(device)}), torch {torch.__version__}, "
-          f"{args.dtype}, batch {args.batch_size}, {args.size}")  # fmt: skip
-    print(f"{'model':<30}" + "".join(f"{title:>15}" for _, title in cols))
-    for r in results:
-        print(f"{r.name:<30}" + "".join(f"{getattr(r, key):>15.3f}" for key, _ in cols))
-    summary = {
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "size": args.size,
-        "results": [asdict(r) for r in results],
-    }
-    if len(results) == 2:
-        ours, peer = results
-        ratios = {
-            "e2e_speedup": ours.e2e_fps / peer.e2e_fps,
-            "model_speedup": ours.model_fps / peer.model_fps,
-        }
-        if args.train:
-            ratios["train_step_ratio"] = ours.train_step_s / peer.train_step_s
-            ratios["train_peak_mem_ratio"] = ours.train_peak_mb / max(peer.train_peak_mb, 1e-9)
-        print(
-            "ratios (ours / torchvision): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
-        )
-        summary["ratios"] = ratios
+    roles = ["ours"] + (["torchvision"] if args.compare == "torchvision" else [])
+    runs = {role: ModelRun(role) for role in roles}
+    for phase in ["infer"] + (["train"] if args.train else []):
+        _run_phase(phase, roles, runs, args)
+    print(f"device {device} ({_device_name(device, args)}), torch {torch.__version__}, "
+          f"{args.dtype}, batch {args.batch_size}, {args.size}, {args.repeats} interleaved "
+          "repeats: median (min-max)")  # fmt: skip
+    cols = [(k, v[0]) for k, v in FIGURES.items()] + [("infer", "infer peak MB"),
+                                                      ("train", "train peak MB")]  # fmt: skip
+    print(f"{'model':<34}" + "".join(f" {title:>23}" for _, title in cols))
+    results, flagged = [], []
+    for run in runs.values():
+        figs = _figures(run, args.batch_size)
+        cells = [figs.get(k) if k in figs else run.peaks.get(k) for k, _ in cols]
+        print(f"{run.name:<34}" + "".join(f" {_cell(c):>23}" for c in cells))
+        flagged += [f"{run.name} {k}" for k, s in figs.items() if s and s.spread > SPREAD_WARN]
+        results.append({"name": run.name, "peer_note": run.peer_note or None,
+                        **{k: s.as_dict() if s else None for k, s in figs.items()},
+                        "cpu_s": {c: stat(v).as_dict() for c, v in run.cpu_seconds.items()},
+                        "infer_peak_mb": run.peaks.get("infer"),
+                        "train_peak_mb": run.peaks.get("train")})  # fmt: skip
+    summary = {"device": _device_name(device, args), "torch": torch.__version__,
+               "dtype": args.dtype, "batch_size": args.batch_size, "size": args.size,
+               "repeats": args.repeats, "results": results}  # fmt: skip
+    if len(runs) == 2:
+        ours, peer = runs.values()
+        print(f"peer: {peer.name} ({peer.peer_note})")
+        ratios = _ratios(ours, peer)
+        print("ratios (ours / peer; speed-ups = peer time / ours): "
+              + ", ".join(f"{k} {s.text()}" for k, s in ratios.items()))  # fmt: skip
+        flagged += [k for k, s in ratios.items() if s.spread > SPREAD_WARN]
+        summary["ratios"] = {k: s.as_dict() for k, s in ratios.items()}
+    if flagged:
+        print(f"warning: spread above {SPREAD_WARN:.0%} (a loaded machine?): "
+              f"{', '.join(flagged)}", file=sys.stderr)  # fmt: skip
+    summary["warnings"] = flagged
     print(json.dumps(summary))
     return 0
 
 
-def _device_name(device: torch.device) -> str:
+def _device_name(device: torch.device, args) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = getattr(args, "threads", None) or torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {threads} threads"
