@@ -146,7 +146,7 @@ def _check_out(out: Path) -> None:
 def run_demo(args) -> int:
     """Generate, train, evaluate, draw; print the figures and a final JSON line."""
     from freeanchor.data.synthetic import make_dataset
-    from freeanchor.engine.logging import plot_curves
+    from freeanchor.engine.curves import plot_curves
     from freeanchor.engine.trainer import train
     from freeanchor.eval.report import AP_SCALE, SCALE_NOTE, ap_fields, write_summary
     from freeanchor.files import write_text

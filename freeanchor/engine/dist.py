@@ -200,3 +200,27 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+class _LossForward(torch.nn.Module):
+    """What DDP wraps: its forward is the detector's loss, so DDP's hooks see the pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, gt_boxes: list[torch.Tensor],
+                gt_labels: list[torch.Tensor], num_gts: float | None = None):  # fmt: skip
+        return self.model.loss(images, gt_boxes, gt_labels, num_gts)
+
+
+def loss_module(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """A module whose forward is `model.loss`: DDP-wrapped in a distributed run."""
+    module = _LossForward(model)
+    if not info.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # BN is frozen (norm_eval): no buffers to broadcast
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

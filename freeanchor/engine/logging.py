@@ -8,7 +8,7 @@ Only rank 0 reports; on other ranks a `TrainLogger(enabled=False)` does nothing.
   loss terms, lr, s/iter), "val" (AP numbers), "skip" (a step skipped for a non-finite loss)
   or "info";
 - `work_dir/tb/`: TensorBoard scalars (train/<loss term>, train/lr, val/<metric>);
-- `work_dir/curves.png`: loss terms against iteration and AP against epoch (`plot_curves`).
+- `work_dir/curves.png`: loss terms against iteration and AP against epoch (engine/curves.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from freeanchor.files import atomic_path, write_text
+from freeanchor.files import write_text
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -240,13 +240,6 @@ class TrainLogger:
         self._record({"type": "info", "iter": iteration, "message": message, **fields})
         self.print(message)
 
-    def check_schedule(self, tc: Any, iters_per_epoch: int, has_val: bool) -> list[str]:
-        """Warn (console and log) about a schedule that cannot work for this run's length."""
-        messages = schedule_warnings(tc, self.total_iters, iters_per_epoch, has_val)
-        for message in messages:
-            self.warn(message)
-        return messages
-
     def close(self) -> None:
         self.end_epoch()
         if self._tb is not None:
@@ -264,87 +257,3 @@ def _bar_text(loss: float, lr: float, sec_per_iter: float, overall: float,
     if eta is not None:
         return f"{text} eta {_fmt_eta(eta)} all {_fmt_eta(overall)}"
     return f"{text} eta {_fmt_eta(overall)}"
-
-
-def schedule_warnings(tc: Any, total_iters: int, iters_per_epoch: int, has_val: bool) -> list[str]:
-    """What in the lr schedule or the data set-up does not fit a run of `total_iters` steps.
-
-    Args:
-        tc: the run's `TrainConfig` (warmup_iters, warmup_ratio, lr, milestones, epochs).
-        total_iters: steps the run will take; iters_per_epoch: steps per epoch.
-        has_val: whether a validation set was given.
-    """
-    out = []
-    warmup = int(tc.warmup_iters)
-    if total_iters and warmup > total_iters // 4:
-        fix = f"use --set train.warmup_iters={total_iters // 10}, or train longer"
-        if warmup >= total_iters:
-            reached = tc.lr * (tc.warmup_ratio + (1 - tc.warmup_ratio) * total_iters / warmup)
-            out.append(
-                f"warm-up (train.warmup_iters={warmup}) is longer than this run's {total_iters} "
-                f"iterations: the lr ends at {reached:.1e}, never reaching train.lr={tc.lr:g}; "
-                + fix
-            )
-        else:
-            out.append(
-                f"warm-up (train.warmup_iters={warmup}) takes {100 * warmup / total_iters:.0f}% "
-                f"of this run's {total_iters} iterations; " + fix
-            )
-    if total_iters and iters_per_epoch:
-        run_epochs = total_iters / iters_per_epoch
-        late = [m for m in tc.milestones if m >= run_epochs]
-        if late:
-            fit = ",".join(str(max(1, round(m * run_epochs / tc.epochs))) for m in tc.milestones)
-            out.append(
-                f"lr milestones (train.milestones) {list(late)} are at or past the end of this "
-                f"run ({run_epochs:g} epochs): the lr never drops there; use "
-                f"--set train.milestones={fit}, or train longer"
-            )
-        early = [m for m in tc.milestones if m * iters_per_epoch <= warmup]
-        if early and warmup:
-            out.append(
-                f"lr milestones {early} fall inside the {warmup}-iteration warm-up: the lr "
-                f"drops before it ever reaches train.lr; lower train.warmup_iters or move them"
-            )
-    if not has_val:
-        out.append(
-            "no validation set (--val-ann and --val-images): no evaluation, no AP and no best.pt "
-            "(only last.pt and model_final.safetensors); give both to evaluate during training"
-        )
-    return out
-
-
-def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
-    """Loss terms vs iteration (left) and AP vs epoch (right) from a metrics log."""
-    records = read_jsonl(jsonl)
-    train = [r for r in records if r.get("type") == "train"]
-    val = [r for r in records if r.get("type") == "val"]
-    if not train and not val:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = [
-        k for k in ("loss", "positive_bag_loss", "negative_bag_loss") if train and k in train[0]
-    ]
-    for key in keys:
-        ax_loss.plot([r["iter"] for r in train], [r[key] for r in train], label=key)
-    ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss")
-    if keys:
-        ax_loss.legend()
-    for key in ("AP", "AP50", "AP75"):
-        pts = [(r["epoch"], r[key]) for r in val if key in r]
-        if pts:
-            ax_ap.plot(*zip(*pts, strict=True), marker="o", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP (COCO, 0-1)", title="validation", ylim=(0, 1))
-    ax_ap.grid(alpha=0.3)
-    if val:
-        ax_ap.legend()
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return Path(out_png)

@@ -115,3 +115,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Warmu
     return WarmupMultiStepLR(
         optimizer, cfg.warmup_iters, cfg.warmup_ratio, cfg.milestones, cfg.lr_gamma
     )
+
+
+def schedule_warnings(tc: TrainConfig, total_iters: int, iters_per_epoch: int) -> list[str]:
+    """What in the lr schedule does not fit a run of `total_iters` steps (one line each, with
+    the fix): a warm-up too long for the run, milestones past its end or inside the warm-up.
+    """
+    out = []
+    warmup = int(tc.warmup_iters)
+    if total_iters and warmup > total_iters // 4:
+        fix = f"use --set train.warmup_iters={total_iters // 10}, or train longer"
+        if warmup >= total_iters:
+            reached = tc.lr * (tc.warmup_ratio + (1 - tc.warmup_ratio) * total_iters / warmup)
+            out.append(
+                f"warm-up (train.warmup_iters={warmup}) is longer than this run's {total_iters} "
+                f"iterations: the lr ends at {reached:.1e}, never reaching train.lr={tc.lr:g}; "
+                + fix
+            )
+        else:
+            out.append(
+                f"warm-up (train.warmup_iters={warmup}) takes {100 * warmup / total_iters:.0f}% "
+                f"of this run's {total_iters} iterations; " + fix
+            )
+    if total_iters and iters_per_epoch:
+        run_epochs = total_iters / iters_per_epoch
+        late = [m for m in tc.milestones if m >= run_epochs]
+        if late:
+            fit = ",".join(str(max(1, round(m * run_epochs / tc.epochs))) for m in tc.milestones)
+            out.append(
+                f"lr milestones (train.milestones) {list(late)} are at or past the end of this "
+                f"run ({run_epochs:g} epochs): the lr never drops there; use "
+                f"--set train.milestones={fit}, or train longer"
+            )
+        early = [m for m in tc.milestones if m * iters_per_epoch <= warmup]
+        if early and warmup:
+            out.append(
+                f"lr milestones {early} fall inside the {warmup}-iteration warm-up: the lr "
+                f"drops before it ever reaches train.lr; lower train.warmup_iters or move them"
+            )
+    return out

@@ -5,8 +5,7 @@
 Per iteration: set the lr (warmup + steps) -> forward + FreeAnchor loss (AMP optional) ->
 skip the step if the loss is not finite -> backward -> clip the gradient norm at 35 -> skip
 the step if the gradient is not finite (fp16: the GradScaler's overflow) -> SGD -> EMA.
-A skipped step changes no weight; `train.max_bad_steps` skips in a row stop the run
-(TrainingDivergedError, exit 1). No checkpoint with a NaN or an infinity is ever written.
+Skipped steps, unreadable images and non-finite weights: engine/guards.py.
 Per epoch: evaluate every `eval_every` epochs (best.pt keeps the best AP) and checkpoint.
 With `train.ema` the EMA weights (engine/ema.py) are the ones evaluated and released.
 Launch with torchrun for DDP (see freeanchor/engine/dist.py); rank 0 logs and writes files,
@@ -29,51 +28,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from freeanchor.checksum import first_non_finite, key_name
 from freeanchor.config import Config, to_dict
-from freeanchor.data.datasets import load_dataset
-from freeanchor.data.loader import Batch, build_eval_loader, build_train_loader, stop_workers
+from freeanchor.data.loader import Batch, stop_workers
 from freeanchor.engine import dist
 from freeanchor.engine.checkpoint import (
     CheckpointManager,
     CheckpointSignals,
     Position,
-    ignore_stop_signals,
     load_matching_weights,
     restore_training_state,
     training_state,
 )
+from freeanchor.engine.curves import plot_curves
 from freeanchor.engine.ema import ModelEMA
 from freeanchor.engine.evaluate import evaluate
-from freeanchor.engine.logging import TrainLogger, plot_curves
-from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from freeanchor.engine.guards import RunGuard
+from freeanchor.engine.logging import TrainLogger
+from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr, schedule_warnings
+from freeanchor.engine.run_data import build_run_data
 from freeanchor.engine.rundir import RunLock, claim_work_dir
-from freeanchor.errors import (
-    ConfigError,
-    DatasetError,
-    FreeAnchorError,
-    OptionError,
-    TrainingDivergedError,
-)
+from freeanchor.errors import ConfigError, OptionError
 from freeanchor.models.backbone import load_pretrained_backbone
 from freeanchor.models.detector import FreeAnchor
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _LossForward(nn.Module):
-    """What DDP wraps: its forward is the detector's loss, so DDP's hooks see the pass."""
-
-    def __init__(self, model: FreeAnchor) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor],
-                num_gts: float | None = None):  # fmt: skip
-        return self.model.loss(images, gt_boxes, gt_labels, num_gts)
+NO_VALIDATION = (
+    "no validation set (--val-ann and --val-images): no evaluation, no AP and no best.pt "
+    "(only last.pt and model_final.safetensors); give both to evaluate during training"
+)
 
 
 class Trainer:
@@ -113,29 +96,15 @@ class Trainer:
         self.last_metrics: dict[str, Any] | None = None
         self._saved_at = self._evaluated_at = -1  # iteration of the last save / evaluation
 
-        # Data. The training file decides the classes; the evaluator maps labels to its ids.
-        train_data = load_dataset(cfg.data.train_ann, cfg.data.train_images,
-                                  min_size=cfg.data.min_size,
-                                  allow_outside_root=cfg.data.allow_outside_root)  # fmt: skip
-        if not train_data.records:
-            raise DatasetError(f"{cfg.data.train_ann}: no usable training images")
-        self.cat_ids = train_data.label_to_cat_id
-        cfg.model.num_classes, cfg.model.classes = len(self.cat_ids), train_data.class_names
-        rank, world = self.info.rank, self.info.world_size
-        pin = self.device.type == "cuda"
-        self.loader = build_train_loader(train_data.records, cfg.model, cfg.data, tc.batch_size,
-                                         tc.seed, rank, world, pin_memory=pin,
-                                         max_pixels=cfg.data.max_image_pixels)  # fmt: skip
-        if self.loader.num_workers and self.loader.worker_init_fn is None:
-            self.loader.worker_init_fn = ignore_stop_signals
+        data = build_run_data(cfg, self.info, pin_memory=self.device.type == "cuda")
+        self.loader, self.val_loader, self.evaluator = data.loader, data.val_loader, data.evaluator
+        self.cat_ids = data.cat_ids
+        world = self.info.world_size
         self.sampler = self.loader.batch_sampler
         self.iters_per_epoch = self.sampler.num_batches()
         self.total_iters = tc.epochs * self.iters_per_epoch
         if tc.max_iters:
             self.total_iters = min(self.total_iters, tc.max_iters)
-        self.val_loader = self.evaluator = None
-        if cfg.data.val_ann or cfg.data.val_images:
-            self._build_val(cfg)
 
         # Model, optimizer, schedule. Every rank seeds alike: identical initial weights.
         random.seed(tc.seed)
@@ -144,7 +113,7 @@ class Trainer:
         model = FreeAnchor(cfg.model, normalize=tc.normalize, imgs_per_gpu=tc.imgs_per_gpu)
         kept_fresh: list[str] = []
         if not resume and tc.pretrained:
-            _load_pretrained(model.backbone, tc.pretrained)
+            load_pretrained_backbone(model.backbone, tc.pretrained)
         if not resume and init_weights:
             kept_fresh = load_matching_weights(model, init_weights)
         memory_format = torch.channels_last if tc.channels_last else torch.preserve_format
@@ -159,16 +128,12 @@ class Trainer:
                                               self.scheduler, self.scaler, self.ema)  # fmt: skip
             if self.pos.iter_in_epoch >= self.iters_per_epoch:  # the data shrank meanwhile
                 self.pos.epoch, self.pos.iter_in_epoch = self.pos.epoch + 1, 0
-        self.loss_forward: nn.Module = _LossForward(self.model)
-        if self.info.distributed:  # BN is frozen (norm_eval): no buffers to broadcast
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.loss_forward = DistributedDataParallel(
-                self.loss_forward, device_ids=ids, broadcast_buffers=False
-            )
+        self.loss_forward = dist.loss_module(self.model, self.info, self.device)
 
         self.log = TrainLogger(self.work_dir, self.info.is_main, self.total_iters, tc.log_every)
+        self.guard = RunGuard(self.log, tc.max_bad_steps, cfg.data.max_bad_images, tc.lr)
         self.log.truncate_after(self.pos.iteration)  # records past the checkpoint are redone
-        self.log.log_info(self.pos.iteration, train_data.summary())
+        self.log.log_info(self.pos.iteration, data.summary)
         self.log.log_info(
             self.pos.iteration,
             f"{cfg.model.backbone}, {cfg.model.num_classes} classes, device {self.device}, "
@@ -176,7 +141,10 @@ class Trainer:
             f"{self.iters_per_epoch} iterations/epoch"
             + (f"; resumed at iteration {self.pos.iteration}" if resume else ""),
         )
-        self.log.check_schedule(tc, self.iters_per_epoch, self.val_loader is not None)
+        for message in schedule_warnings(tc, self.total_iters, self.iters_per_epoch):
+            self.log.warn(message)
+        if self.val_loader is None:
+            self.log.warn(NO_VALIDATION)
         if kept_fresh:
             self.log.log_info(0, f"{init_weights}: {len(kept_fresh)} tensors do not fit and "
                                  f"keep their initial values, e.g. {kept_fresh[:3]}")  # fmt: skip
@@ -228,7 +196,7 @@ class Trainer:
         gts_all, empty_any, unreadable = dist.sum_over_ranks(
             [n_gt, len(batch) == 0, len(batch.skipped)], self.device
         )
-        self._count_unreadable(batch, int(unreadable))
+        self.guard.unreadable(self.pos, batch.skipped, int(unreadable))
         if empty_any:  # every image of some rank's batch was unreadable: nobody steps
             return self._skip_step("no readable image in the batch", {})
         batch = batch.to(self.device, non_blocking=True)
@@ -272,22 +240,11 @@ class Trainer:
         self.log.log_iter(self.pos.iteration + 1, self.pos.iter_in_epoch + 1, values)
 
     def _skip_step(self, reason: str, values: dict[str, float]) -> None:
-        pos = self.pos
         self.optimizer.zero_grad(set_to_none=True)
-        pos.bad_steps += 1
-        pos.skipped_steps += 1
         self.losses.append(math.nan)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        self.log.log_skip(pos.iteration + 1, f"{reason} ({shown})" if shown else reason, values)
-        if pos.bad_steps >= self.cfg.train.max_bad_steps:
-            saved = f"{self.ckpt.last} (iteration {self._saved_at})" if self._saved_at >= 0 \
-                else "none written by this process"  # fmt: skip
-            raise TrainingDivergedError(
-                f"{pos.bad_steps} steps in a row skipped (last: {reason}) at iteration "
-                f"{pos.iteration + 1}: training diverged. Lower --lr (now "
-                f"{self.cfg.train.lr:g}), use a longer warm-up (train.warmup_iters), check "
-                f"--weights and the data; newest checkpoint: {saved}"
-            )
+        saved = f"{self.ckpt.last} (iteration {self._saved_at})" if self._saved_at >= 0 \
+            else "none written by this process"  # fmt: skip
+        self.guard.skipped_step(self.pos, reason, values, saved)
 
     def _end_of_epoch(self) -> None:
         """Evaluate when due, then checkpoint (last.pt, epoch_N.pt, best.pt)."""
@@ -311,7 +268,7 @@ class Trainer:
             from freeanchor.models.weights import save_model
 
             final = self.work_dir / "model_final.safetensors"
-            if self._finite(self.eval_model.state_dict(), final):
+            if self.guard.finite(self.eval_model.state_dict(), final, pos.iteration):
                 save_model(self.eval_model, final, self._extra())
             plot_curves(self.log.jsonl, self.work_dir / "curves.png")
         dist.barrier()
@@ -344,52 +301,15 @@ class Trainer:
         """The weights that are evaluated and released: the EMA's when train.ema is on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _finite(self, state: dict[str, Any], path: Path) -> bool:
-        """False (and a log line) if `state` holds a NaN or an infinity: then not written."""
-        bad = first_non_finite(state)
-        if bad is not None:
-            self.log.print(f"warning: iteration {self.pos.iteration}: {key_name(bad)} is not "
-                           f"finite; {path} not written (it keeps its last finite "
-                           "version)")  # fmt: skip
-        return bad is None
-
     def _save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
         if self.info.is_main:
             state = training_state(self.model, self.optimizer, self.scheduler, self.scaler,
                                    self.pos, to_dict(self.cfg), self._extra(),
                                    self.ema)  # fmt: skip
-            if not self._finite(state, self.ckpt.last):
+            if not self.guard.finite(state, self.ckpt.last, self.pos.iteration):
                 return
             self.ckpt.save(state, epoch_done=epoch_done, is_best=is_best)
         self._saved_at = self.pos.iteration
-
-    def _build_val(self, cfg: Config) -> None:
-        from freeanchor.eval.coco import COCOEvaluator
-
-        if not (cfg.data.val_ann and cfg.data.val_images):
-            raise OptionError("validation needs both --val-ann and --val-images")
-        val = load_dataset(cfg.data.val_ann, cfg.data.val_images, split="val", train=False,
-                           min_size=cfg.data.min_size, classes=cfg.model.classes,
-                           allow_outside_root=cfg.data.allow_outside_root)  # fmt: skip
-        self.val_loader = build_eval_loader(val.records, cfg.model, cfg.data,
-                                            cfg.train.batch_size, self.info.rank,
-                                            self.info.world_size,
-                                            max_pixels=cfg.data.max_image_pixels)  # fmt: skip
-        if self.info.is_main:  # only rank 0 scores the gathered detections
-            self.evaluator = COCOEvaluator(val, label_to_cat_id=self.cat_ids)
-
-    def _count_unreadable(self, batch: Batch, n: int) -> None:
-        """Count (over all ranks) and report images the loader could not read."""
-        if not n:
-            return
-        self.pos.skipped_images += n
-        for message in batch.skipped:
-            self.log.print(f"warning: skipped unreadable image: {message}")
-        limit = self.cfg.data.max_bad_images
-        if self.pos.skipped_images > limit:
-            last = batch.skipped[-1] if batch.skipped else "on another rank"
-            raise DatasetError(f"{self.pos.skipped_images} unreadable training images (more "
-                               f"than data.max_bad_images={limit}); last: {last}")  # fmt: skip
 
     def _stop(self, signum: int) -> None:
         self.log.print(f"signal {signum}: checkpoint written to {self.ckpt.last}; stopping")
@@ -415,26 +335,3 @@ class Trainer:
 def train(cfg: Config, resume: bool = False, init_weights: str | None = None) -> dict[str, Any]:
     """Build a `Trainer` for `cfg` and run it (see the module docstring)."""
     return Trainer(cfg, resume=resume, init_weights=init_weights).fit()
-
-
-def _load_pretrained(backbone: nn.Module, source: str) -> None:
-    """`load_pretrained_backbone`, with a failed download (offline) as one line saying what
-    to do instead."""
-    try:
-        load_pretrained_backbone(backbone, source)
-    except FreeAnchorError:
-        raise
-    except OSError as e:  # URLError, timeouts, refused connections: no network
-        url = source
-        if source == "torchvision":
-            import torchvision.models as tvm
-
-            from freeanchor.models import backbone as bb
-
-            name = bb._TORCHVISION_WEIGHTS.get(backbone.name)
-            url = getattr(tvm, name).IMAGENET1K_V1.url if name else source
-        reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0]
-        raise OptionError(
-            f"--pretrained {source}: download failed ({reason}); download {url} on a machine "
-            "with internet access and pass the file: --pretrained PATH"
-        ) from None

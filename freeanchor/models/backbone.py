@@ -28,7 +28,13 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from freeanchor.config import ModelConfig
-from freeanchor.errors import CheckpointError, ConfigError, MissingFileError
+from freeanchor.errors import (
+    CheckpointError,
+    ConfigError,
+    FreeAnchorError,
+    MissingFileError,
+    OptionError,
+)
 from freeanchor.models.zoo import download, first_line
 
 # name -> (block, blocks per stage, groups, width_per_group)
@@ -225,26 +231,12 @@ def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> N
     `fc.*` / `classifier.*` (the ImageNet classifier) are ignored; any other missing,
     unexpected or mis-shaped key raises CheckpointError naming it.
     """
-    if str(path_or_name) == "torchvision":
-        source = f"torchvision ImageNet weights for {backbone.name}"
-        state = _torchvision_state_dict(backbone.name)
-    else:
-        path = Path(path_or_name)
-        if str(path_or_name).startswith(("http://", "https://")):
-            path = download(str(path_or_name))  # cached in the torch hub dir
-        source = str(path)
-        if not path.is_file():
-            raise MissingFileError(f"{path}: backbone weights file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-            raise CheckpointError(
-                f"{path}: cannot load backbone weights ({first_line(e)})"
-            ) from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    try:
+        source, state = _read_weights(backbone.name, path_or_name)
+    except FreeAnchorError:
+        raise
+    except OSError as e:  # URLError, timeouts, refused connections: no network
+        raise OptionError(_offline_message(backbone.name, str(path_or_name), e)) from None
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     own = backbone.state_dict()
     # Older ImageNet files lack BN's `num_batches_tracked`; BatchNorm fills it in on load.
@@ -262,3 +254,42 @@ def load_pretrained_backbone(backbone: nn.Module, path_or_name: str | Path) -> N
                 f"the {backbone.name} backbone needs {tuple(v.shape)}"
             )
     backbone.load_state_dict(state, strict=True)
+
+
+def _read_weights(name: str, path_or_name: str | Path) -> tuple[str, dict[str, Tensor]]:
+    """(where from, state_dict) of a backbone weights file, URL or "torchvision"."""
+    if str(path_or_name) == "torchvision":
+        source = f"torchvision ImageNet weights for {name}"
+        state = _torchvision_state_dict(name)
+    else:
+        path = Path(path_or_name)
+        if str(path_or_name).startswith(("http://", "https://")):
+            path = download(str(path_or_name))  # cached in the torch hub dir
+        source = str(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path}: backbone weights file not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+            raise CheckpointError(
+                f"{path}: cannot load backbone weights ({first_line(e)})"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    return source, state
+
+
+def _offline_message(name: str, source: str, error: OSError) -> str:
+    """A failed download as one line saying what to do instead."""
+    url = source
+    if source == "torchvision" and name in _TORCHVISION_WEIGHTS:
+        import torchvision.models as tvm
+
+        url = getattr(tvm, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
+    reason = str(getattr(error, "reason", None) or error).strip().splitlines()[0]
+    return (
+        f"--pretrained {source}: download failed ({reason}); download {url} on a machine "
+        "with internet access and pass the file: --pretrained PATH"
+    )

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
-from freeanchor.config import TrainConfig
 from freeanchor.engine import logging as train_logging
-from freeanchor.engine.logging import TrainLogger, plot_curves, read_jsonl, schedule_warnings
+from freeanchor.engine.curves import plot_curves
+from freeanchor.engine.logging import TrainLogger, read_jsonl
 from freeanchor.engine.trainer import train
 
 from .conftest import small_config
@@ -94,31 +92,6 @@ def test_tty_bar_moves_every_step_within_80_columns(tmp_path, capsys):
     assert frames and all(len(f) <= 80 for f in frames), max(frames, key=len)
     for step, loss in ((1, "3.000"), (2, "2.000"), (3, "1.000")):  # a frame per step
         assert any(f"{step}/3, loss {loss} lr 1.0e-02" in f for f in frames), (step, frames)
-
-
-def _tc(**kw) -> TrainConfig:
-    tc = TrainConfig()
-    for k, v in kw.items():
-        setattr(tc, k, v)
-    return tc
-
-
-def test_schedule_warnings():
-    # the case: 16 images, batch 2 -> 8 iterations, the 1x recipe's 500 warm-up steps
-    (warm,) = schedule_warnings(_tc(epochs=1, milestones=()), 8, 8, has_val=True)
-    assert "train.warmup_iters=500" in warm and "8 iterations" in warm
-    assert "--set train.warmup_iters=0" in warm and "never reaching train.lr=0.01" in warm
-    (late,) = schedule_warnings(_tc(epochs=12, warmup_iters=0), 48, 8, has_val=True)
-    assert "[8, 11]" in late and "6 epochs" in late and "train.milestones=4,6" in late
-    (no_val,) = schedule_warnings(_tc(warmup_iters=100), 12 * 500, 500, has_val=False)
-    assert "no validation set" in no_val and "best.pt" in no_val and "--val-ann" in no_val
-    assert schedule_warnings(_tc(), 12 * 7330, 7330, has_val=True) == []  # COCO 1x fits
-
-
-@pytest.mark.parametrize("warmup, share", [(30, "30%"), (26, "26%")])
-def test_warmup_share_warning(warmup, share):
-    (w,) = schedule_warnings(_tc(epochs=10, warmup_iters=warmup, milestones=()), 100, 10, True)
-    assert share in w and "train.warmup_iters=10" in w
 
 
 def test_truncate_after_and_torn_line(tmp_path):

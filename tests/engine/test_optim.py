@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from freeanchor.config import TrainConfig
-from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from freeanchor.engine.optim import build_optimizer, build_scheduler, scaled_lr, schedule_warnings
 
 
 def _opt(lr=0.01):
@@ -86,3 +86,26 @@ def test_scheduler_state_round_trip():
     torch.save(state, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True) == state
+
+
+def _tc(**kw) -> TrainConfig:
+    tc = TrainConfig()
+    for k, v in kw.items():
+        setattr(tc, k, v)
+    return tc
+
+
+def test_schedule_warnings():
+    # the case: 16 images, batch 2 -> 8 iterations, the 1x recipe's 500 warm-up steps
+    (warm,) = schedule_warnings(_tc(epochs=1, milestones=()), 8, 8)
+    assert "train.warmup_iters=500" in warm and "8 iterations" in warm
+    assert "--set train.warmup_iters=0" in warm and "never reaching train.lr=0.01" in warm
+    (late,) = schedule_warnings(_tc(epochs=12, warmup_iters=0), 48, 8)
+    assert "[8, 11]" in late and "6 epochs" in late and "train.milestones=4,6" in late
+    assert schedule_warnings(_tc(), 12 * 7330, 7330) == []  # COCO 1x fits
+
+
+@pytest.mark.parametrize("warmup, share", [(30, "30%"), (26, "26%")])
+def test_warmup_share_warning(warmup, share):
+    (w,) = schedule_warnings(_tc(epochs=10, warmup_iters=warmup, milestones=()), 100, 10)
+    assert share in w and "train.warmup_iters=10" in w

@@ -20,7 +20,8 @@ from freeanchor.cli import main
 from freeanchor.engine.checkpoint import CheckpointManager, load_checkpoint
 from freeanchor.engine.logging import read_jsonl
 from freeanchor.engine.rundir import LOCK_NAME
-from freeanchor.engine.trainer import Trainer, TrainingDivergedError
+from freeanchor.engine.trainer import Trainer
+from freeanchor.errors import TrainingDivergedError
 
 from .conftest import make_coco, small_config
 

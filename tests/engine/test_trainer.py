@@ -11,7 +11,8 @@ import torch
 
 from freeanchor.engine.checkpoint import load_checkpoint
 from freeanchor.engine.logging import read_jsonl
-from freeanchor.engine.trainer import Trainer, TrainingDivergedError, train
+from freeanchor.engine.trainer import Trainer, train
+from freeanchor.errors import TrainingDivergedError
 from freeanchor.models.detector import FreeAnchor
 
 from .conftest import REPO, make_coco, small_config
