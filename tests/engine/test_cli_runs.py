@@ -110,8 +110,14 @@ def ddp_data(tmp_path_factory):
 
 
 # 8 images, global batch 4: two steps (the second with momentum); no clipping, so the scale
-# of the loss reaches the weights. Evaluation at the end (score_thr 0: an untrained model's
-# scores are ~0.01) exercises gathering detections from every rank.
+# of the loss reaches the weights. Batch 4 in one process and 2 + 2 all-reduced sum in another
+# order, and oneDNN picks its convolution kernels per shape and per CPU: measured 1e-6 on an
+# AVX2 machine, 3-4e-5 on another CPU. UPDATE_TOL sits 10x above that and 200x below what a
+# wrong normalisation gives (0.1, asserted below). Evaluation at the end (score_thr 0: an
+# untrained model's scores are ~0.01) exercises gathering detections from every rank.
+UPDATE_TOL = 5e-4
+
+
 def _ddp_args(ann, img, normalize, per_process_batch):
     return ("--epochs", "1", "--lr", "0.05", "--set", "train.grad_clip=0",
             "--set", f"train.normalize={normalize}", "--set", "train.imgs_per_gpu=2",
@@ -148,7 +154,7 @@ def test_torchrun_two_processes_match_one_process_global_normalisation(
     _run(_train_cmd(ann, img, tmp_path, *_ddp_args(ann, img, "global", 2), launcher=torchrun))
     one, two = one_process("global"), load_checkpoint(tmp_path / "last.pt")
     assert one["iteration"] == two["iteration"] == 2
-    assert _update_rel_diff(one, two) < 1e-5
+    assert _update_rel_diff(one, two) < UPDATE_TOL
     # evaluation: every image scored exactly once over the two ranks, same AP
     val = _val_record(tmp_path)
     assert val["images"] == 8
@@ -172,6 +178,6 @@ def test_two_nodes_on_loopback_match_one_process_local_normalisation(
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
     one, two = one_process("local"), load_checkpoint(tmp_path / "last.pt")
-    assert _update_rel_diff(one, two) < 1e-5
+    assert _update_rel_diff(one, two) < UPDATE_TOL
     # The test can tell the normalisations apart: "global" moves the weights differently.
-    assert _update_rel_diff(one, one_process("global")) > 1e-2
+    assert _update_rel_diff(one, one_process("global")) > 100 * UPDATE_TOL
