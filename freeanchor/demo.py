@@ -87,6 +87,29 @@ def demo_config(data, work_dir: Path, iters: int | None, seed: int) -> Config:
                   device="cpu")  # fmt: skip
 
 
+def busy_cores(interval: float = 0.5) -> float | None:
+    """How many cores other work keeps busy now: /proc/stat sampled over `interval` seconds.
+
+    Not the load average: that is a 1-minute mean, so a job that just ended still reads as
+    load 1-2 and would cost the demo half its speed. None where /proc/stat is not there.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (busy1 - busy0) / max(total1 - total0, 1)
+
+
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """Intra-op threads for the demo and why: all cores on an idle machine, one on a busy one.
 
@@ -97,10 +120,12 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     cores = os.cpu_count() or 1
     if requested:
         return requested, "--threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load >= cores / 2:
-        return 1, f"the machine is busy: load {load:.1f} on {cores} cores"
-    return cores, f"load {load:.1f} on {cores} cores"
+    busy = busy_cores()
+    if busy is None:  # no /proc/stat: the load average, which lags by a minute
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy >= cores / 2:
+        return 1, f"the machine is busy: {busy:.1f} of {cores} cores in use by other work"
+    return cores, f"{busy:.1f} of {cores} cores in use by other work"
 
 
 def _draw_detections(weights: Path, images: list[Path], out_dir: Path) -> list[Path]:

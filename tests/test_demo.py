@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -64,8 +66,30 @@ def test_demo_rejects_bad_iters(capsys):
 
 def test_threads_one_on_a_busy_machine(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr("os.getloadavg", lambda: (10.0, 9.0, 8.0))
+    monkeypatch.setattr("freeanchor.demo.busy_cores", lambda: 1.7)
     assert choose_threads(None)[0] == 1 and "busy" in choose_threads(None)[1]
-    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.1, 0.1))
+    monkeypatch.setattr("freeanchor.demo.busy_cores", lambda: 0.1)
     assert choose_threads(None)[0] == 2
     assert choose_threads(3) == (3, "--threads")
+    # without /proc/stat: the load average
+    monkeypatch.setattr("freeanchor.demo.busy_cores", lambda: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (10.0, 9.0, 8.0))
+    assert choose_threads(None)[0] == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert choose_threads(None)[0] == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc/stat on this system")
+def test_busy_cores_sees_a_spinning_process():
+    from freeanchor.demo import busy_cores
+
+    idle = busy_cores(0.3)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        busy = busy_cores(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.0 <= idle <= (os.cpu_count() or 1)
+    assert busy >= 0.7  # one core spinning (other jobs may add more, never less)
