@@ -192,6 +192,9 @@ class TrainConfig(Section):
     checkpoint_iters: int = setting(0, "also write last.pt every N iterations (0: off)", AT_LEAST_0)
     ema: bool = setting(False, "keep an exponential moving average of the weights")
     ema_decay: float = setting(0.9998, "EMA decay per iteration", OPEN_UNIT)
+    ema_ramp: int = setting(
+        2000, "iterations over which the EMA decay ramps up (YOLOX: 2000)", AT_LEAST_1
+    )
 
 
 @dataclass

@@ -110,6 +110,7 @@ BAD_VALUES = [
     ("train.lr", -0.01),
     ("train.ema_decay", 1),
     ("train.ema_decay", 0),
+    ("train.ema_ramp", 0),
     # strides and schedule
     ("model.strides", [4, 8, 16, 32, 64]),
     ("model.strides", [8, 16]),

@@ -122,7 +122,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.base_lr)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
-        self.ema = ModelEMA(self.model, tc.ema_decay) if tc.ema else None
+        self.ema = ModelEMA(self.model, tc.ema_decay, tc.ema_ramp) if tc.ema else None
         if resume:
             self.pos = restore_training_state(self.ckpt.last, self.model, self.optimizer,
                                               self.scheduler, self.scaler, self.ema)  # fmt: skip

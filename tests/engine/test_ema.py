@@ -89,7 +89,8 @@ def test_ema_resume_is_bitwise_exact_and_released(tmp_path, monkeypatch):
 
 def test_skipped_steps_leave_the_ema_alone_and_evaluation_uses_it(tmp_path, monkeypatch):
     ann, img = make_coco(tmp_path / "data", num_images=4)
-    cfg = small_config(ann, img, tmp_path / "w", epochs=2, lr=0.05, checkpoint_every=0, ema=True)
+    cfg = small_config(ann, img, tmp_path / "w", epochs=2, lr=0.05, checkpoint_every=0, ema=True,
+                       ema_ramp=7)  # fmt: skip
     cfg.data.val_ann, cfg.data.val_images = str(ann), str(img)
     original, calls = FreeAnchor.loss, {"n": 0}
 
@@ -110,4 +111,5 @@ def test_skipped_steps_leave_the_ema_alone_and_evaluation_uses_it(tmp_path, monk
     trainer = Trainer(cfg)
     out = trainer.fit()
     assert out["skipped_steps"] == 1 and trainer.ema.updates == 3  # 4 iterations, 1 skipped
+    assert trainer.ema.ramp == 7  # train.ema_ramp reaches the EMA
     assert seen and all(m is trainer.ema.module for m in seen)
