@@ -214,6 +214,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--plain", action="store_true",
                    help="ours without eval-mode BN folding and channels_last (A/B)")  # fmt: skip
+    p.add_argument("--onnx", action="store_true",
+                   help="ours exported to ONNX and run on onnxruntime (inference)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads per model (default torch's)")
     p.set_defaults(func=lambda a: _lazy("freeanchor.tools.benchmark", "run_benchmark")(a))
 

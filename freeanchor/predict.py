@@ -94,7 +94,7 @@ class OnnxBackend:
     not fit, to fit) and padded to exactly that size; a fixed batch size is respected.
     """
 
-    def __init__(self, path: str, device: str) -> None:
+    def __init__(self, path: str, device: str, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         from freeanchor.export import read_metadata
@@ -106,8 +106,11 @@ class OnnxBackend:
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")  # onnxruntime knows if it has a GPU
+        options = ort.SessionOptions()
+        if threads:  # else onnxruntime's default: one thread per physical core
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, providers=providers)
+            self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
             first = str(e).splitlines()[0]
             raise CheckpointError(f"{path}: cannot load ONNX model ({first})") from None

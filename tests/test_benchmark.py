@@ -47,3 +47,14 @@ def test_benchmark_refuses_cuda_without_gpu(capsys):
         return
     assert main(["benchmark", "--device", "cuda", "--size", "64x64"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_benchmark_onnx_runs_ours_on_onnxruntime(capsys):
+    argv = ["benchmark", "--model", "freeanchor_r18_fpn_1x", "--imgsz", "64,64", "--repeats",
+            "2", "--warmup", "0", "--onnx", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    (r,) = json.loads(captured.out.strip().splitlines()[-1])["results"]
+    assert r["name"] == "freeanchor_r18_fpn_1x (onnxruntime)"
+    assert r["e2e_fps"]["repeats"] == 2 and r["model_fps"]["median"] > 0
+    assert "onnxruntime within" in captured.err  # the export was checked against PyTorch

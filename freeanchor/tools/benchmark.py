@@ -4,6 +4,7 @@ RetinaNet of the same depth (random weights, same input, batch, dtype, device) i
 and the ratios.
 
     freeanchor benchmark --model freeanchor_r50_fpn_1x_coco --size 1216x800 --compare torchvision
+    freeanchor benchmark --imgsz 1216,800 --compare torchvision --onnx   # ours on onnxruntime
     freeanchor benchmark --device cuda --dtype bf16 --batch-size 16 --train --compare torchvision
 
 End to end = the test-time pipeline (`freeanchor.inference.Pipeline`) on uint8 images: resize
@@ -28,7 +29,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -85,7 +88,8 @@ class _Worker:
                 "device": args.device, "batch_size": args.batch_size, "dtype": args.dtype,
                 "size": [w, h], "warmup": args.warmup, "channels_last": args.channels_last,
                 "compile": args.compile, "plain": getattr(args, "plain", False),
-                "threads": getattr(args, "threads", None)}  # fmt: skip
+                "threads": getattr(args, "threads", None),
+                "onnx": getattr(args, "onnx_path", None)}  # fmt: skip
         cmd = [sys.executable, "-m", "freeanchor.tools.benchmark_worker", json.dumps(spec)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -167,8 +171,11 @@ def run_benchmark(args) -> int:
     device = torch.device(args.device)
     roles = ["ours"] + (["torchvision"] if args.compare == "torchvision" else [])
     runs = {role: ModelRun(role) for role in roles}
-    for phase in ["infer"] + (["train"] if args.train else []):
-        _run_phase(phase, roles, runs, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if getattr(args, "onnx", False):
+            args.onnx_path = _export_for_benchmark(args, Path(tmp) / "model.onnx")
+        for phase in ["infer"] + (["train"] if args.train else []):
+            _run_phase(phase, roles, runs, args)
     print(f"device {device} ({_device_name(device, args)}), torch {torch.__version__}, "
           f"{args.dtype}, batch {args.batch_size}, {args.size}, {args.repeats} interleaved "
           "repeats: median (min-max)")  # fmt: skip
@@ -203,6 +210,21 @@ def run_benchmark(args) -> int:
     summary["warnings"] = flagged
     print(json.dumps(summary))
     return 0
+
+
+def _export_for_benchmark(args, path: Path) -> str:
+    """--onnx: our model exported once (raw outputs, fixed size) before any worker starts, so
+    the export's memory is not in the measured worker's peak."""
+    from freeanchor.export import export_onnx
+    from freeanchor.models.detector import build_model
+    from freeanchor.models.weights import load_model
+
+    model = load_model(args.weights) if args.weights else build_model(args.model)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    report = export_onnx(model, path, size=(h, w))
+    print(f"exported to ONNX ({report.exporter}), onnxruntime within {report.max_abs_diff:.2g} "
+          "of PyTorch", file=sys.stderr)  # fmt: skip
+    return str(path)
 
 
 def _device_name(device: torch.device, args) -> str:

@@ -68,7 +68,26 @@ def _fake_targets(n: int, h: int, w: int, device: torch.device, classes: int):
     return boxes, labels
 
 
+def _ours_onnx(a: dict, device: torch.device):
+    """Ours as exported (`a["onnx"]`, made by the parent) on onnxruntime: no torch model."""
+    from freeanchor.inference import Pipeline
+    from freeanchor.predict import OnnxBackend
+
+    backend = OnnxBackend(a["onnx"], a["device"], a.get("threads"))
+    w, h = a["size"]
+    cfg = dataclasses.replace(backend.cfg, input_scale=(max(w, h), min(w, h)))
+    pipeline = Pipeline(cfg, backend.detect, batch_size=a["batch_size"])
+
+    def forward(batch):
+        return backend.session.run(None, {"images": batch.contiguous().numpy()})
+
+    name = f"{a['model']} (onnxruntime)"
+    return None, forward, lambda raw: list(pipeline.run(raw)), None, name, ""
+
+
 def _ours(a: dict, device: torch.device, fmt: torch.memory_format):
+    if a.get("onnx") and a["phase"] == "infer":
+        return _ours_onnx(a, device)
     from freeanchor.inference import Pipeline
     from freeanchor.models.detector import build_model
     from freeanchor.models.postprocess import decode_outputs
@@ -150,7 +169,8 @@ def _calls(a: dict, device: torch.device) -> tuple[dict[str, Callable[[], object
                 if a["dtype"] != "fp32" else nullcontext())  # fmt: skip
     info = {"name": name, "peer_note": note}
     if a["phase"] == "infer":
-        model.eval()
+        if model is not None:  # None: an onnxruntime session
+            model.eval()
 
         def infer(fn: Callable[[], object]) -> Callable[[], object]:
             def call() -> object:
