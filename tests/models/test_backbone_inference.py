@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from freeanchor.config import ModelConfig
-from freeanchor.models.backbone import build_backbone
+from freeanchor.models.backbone import LEVERS_MIN_PIXELS, build_backbone
 
 
 def _backbone(name: str) -> torch.nn.Module:
@@ -27,7 +27,7 @@ def _backbone(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext101_32x4d"])
 def test_folded_channels_last_equals_plain(name):
     bb = _backbone(name).eval()
-    x = torch.randn(2, 3, 96, 64)
+    x = torch.randn(1, 3, 352, 320)  # at least LEVERS_MIN_PIXELS: the levers are taken
     with torch.inference_mode():
         fast = bb(x)
         bb.fold_bn = bb.channels_last = False
@@ -51,3 +51,14 @@ def test_fold_changes_no_weight_and_training_takes_the_plain_path():
     assert all(o.is_contiguous() for o in out)  # the plain path, standard layout
     out[-1].sum().backward()
     assert bb.layer4[0].bn1.weight.grad is not None  # BN affine weights still train
+
+
+def test_small_inputs_take_the_plain_path():
+    bb = _backbone("resnet18").eval()
+    x = torch.randn(8, 3, 96, 96)  # the demo's evaluation batch: 73,728 pixels
+    assert x.shape[0] * x.shape[2] * x.shape[3] < LEVERS_MIN_PIXELS
+    with torch.inference_mode():
+        small = bb(x)
+        bb.fold_bn = bb.channels_last = False
+        plain = bb(x)
+    assert all(torch.equal(s, p) and s.is_contiguous() for s, p in zip(small, plain, strict=True))
