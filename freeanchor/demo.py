@@ -81,7 +81,10 @@ def demo_config(data, work_dir: Path, iters: int | None, seed: int) -> Config:
         train_images=str(data.train_images),
         val_ann=str(data.val_ann),
         val_images=str(data.val_images),
-        workers=1,
+        # In the main process: on 2 cores a loader process takes CPU from torch's 2 threads,
+        # which then wait for each other at every op (measured: 0.283 s per step with one
+        # worker, 0.236 s with none; 8 images of 96 px load in a few ms).
+        workers=0,
     )
     return Config(model=demo_model_config(), data=d, train=train, work_dir=str(work_dir),
                   device="cpu")  # fmt: skip
