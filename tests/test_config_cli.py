@@ -45,7 +45,7 @@ def test_listing_has_every_field_value_default_and_meaning():
             assert lines[i] == f"  {name} = {format_value(value)}  (default)"
         assert lines[i + 1].strip().startswith(meaning[:40]), (name, lines[i + 1])
         seen += 1
-    assert seen == len(field_paths(Config)) == 71
+    assert seen == len(field_paths(Config)) == 72
     assert "* train.lr = 0.02  (default: 0.01)" in lines
     assert "* model.backbone = resnet18  (default: resnet50)" in lines
     assert "* model.input_scale = 640,384  (default: 1333,800)" in lines
