@@ -52,7 +52,7 @@ def test_listing_has_every_field_value_default_and_meaning():
     assert "  train.epochs = 12  (default)" in lines
     assert lines[lines.index("  train.amp = off  (default)") + 1].endswith("one of off, bf16, fp16")
     assert "      channels of every FPN level; an integer, 1 to 2048" in lines
-    assert lines[-1].startswith("4 of 71 fields changed")  # backbone, num_classes, input_scale, lr
+    assert lines[-1].startswith("4 of 72 fields changed")  # backbone, num_classes, input_scale, lr
 
 
 def test_json_round_trips_through_config_and_train(tmp_path, capsys):
