@@ -58,3 +58,10 @@ def test_benchmark_onnx_runs_ours_on_onnxruntime(capsys):
     assert r["name"] == "freeanchor_r18_fpn_1x (onnxruntime)"
     assert r["e2e_fps"]["repeats"] == 2 and r["model_fps"]["median"] > 0
     assert "onnxruntime within" in captured.err  # the export was checked against PyTorch
+
+
+def test_benchmark_onnx_refuses_what_the_graph_cannot_do(capsys):
+    argv = ["benchmark", "--model", "freeanchor_r18_fpn_1x", "--imgsz", "64,64", "--onnx",
+            "--dtype", "bf16"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--onnx" in capsys.readouterr().err

@@ -169,6 +169,10 @@ def run_benchmark(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
+    plain = getattr(args, "plain", False)
+    if getattr(args, "onnx", False) and (args.dtype != "fp32" or args.compile or plain):
+        raise OptionError("--onnx runs the exported fp32 graph: it takes no --dtype other than "
+                          "fp32, no --compile and no --plain")  # fmt: skip
     roles = ["ours"] + (["torchvision"] if args.compare == "torchvision" else [])
     runs = {role: ModelRun(role) for role in roles}
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +225,8 @@ def _export_for_benchmark(args, path: Path) -> str:
 
     model = load_model(args.weights) if args.weights else build_model(args.model)
     w, h = (int(v) for v in args.size.lower().split("x"))
-    report = export_onnx(model, path, size=(h, w))
+    # a fixed-size graph takes one batch size: dynamic axes when the benchmark batches images
+    report = export_onnx(model, path, size=(h, w), dynamic=args.batch_size > 1)
     print(f"exported to ONNX ({report.exporter}), onnxruntime within {report.max_abs_diff:.2g} "
           "of PyTorch", file=sys.stderr)  # fmt: skip
     return str(path)
