@@ -79,11 +79,17 @@ class ModelRun:
     peaks: dict[str, float | None] = field(default_factory=dict)  # phase -> MB
 
 
+def _size(args) -> tuple[int, int]:
+    """(W, H) of the benchmark's images, from --imgsz / --size (stored as "WxH")."""
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    return w, h
+
+
 class _Worker:
     """A `benchmark_worker` process: one model, one phase, one command at a time."""
 
     def __init__(self, role: str, phase: str, args) -> None:
-        w, h = (int(v) for v in args.size.lower().split("x"))
+        w, h = _size(args)
         spec = {"role": role, "phase": phase, "model": args.model, "weights": args.weights,
                 "device": args.device, "batch_size": args.batch_size, "dtype": args.dtype,
                 "size": [w, h], "warmup": args.warmup, "channels_last": args.channels_last,
@@ -224,7 +230,7 @@ def _export_for_benchmark(args, path: Path) -> str:
     from freeanchor.models.weights import load_model
 
     model = load_model(args.weights) if args.weights else build_model(args.model)
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = _size(args)
     # a fixed-size graph takes one batch size: dynamic axes when the benchmark batches images
     report = export_onnx(model, path, size=(h, w), dynamic=args.batch_size > 1)
     print(f"exported to ONNX ({report.exporter}), onnxruntime within {report.max_abs_diff:.2g} "
