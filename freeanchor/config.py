@@ -51,8 +51,9 @@ COCO_CLASSES: tuple[str, ...] = (
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d",
-                   "mobilenet_v2"]  # fmt: skip
+# resnet10: ResNet-18 with one block per stage, for training from scratch (no ImageNet weights).
+Backbone = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
+                   "resnext101_32x4d", "mobilenet_v2"]  # fmt: skip
 BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
 RGB = tuple[float, float, float]
 

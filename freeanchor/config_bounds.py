@@ -38,6 +38,7 @@ MAX_IMAGE_BYTES = 16 * 2**30
 # Backbone: (values in its state dict, including BatchNorm buffers; channels of C3, C4, C5).
 # Counted from the torchvision definitions, as models/backbone.py builds them (a test checks).
 BACKBONE_SIZES: dict[str, tuple[int, tuple[int, int, int]]] = {
+    "resnet10": (4_911_564, (128, 256, 512)),
     "resnet18": (11_186_132, (128, 256, 512)),
     "resnet34": (21_301_732, (128, 256, 512)),
     "resnet50": (23_561_205, (512, 1024, 2048)),

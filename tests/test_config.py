@@ -93,7 +93,7 @@ def test_new_fields_have_their_defaults():
         ("train.lr=fast", r"^train\.lr='fast': expected a finite number$"),
         ("train.epochs=1.5", r"^train\.epochs='1\.5': expected an integer$"),
         ("train.lr", "section.field=value"),
-        ("model.backbone=vgg", r"^model\.backbone='vgg': expected one of resnet18, .*mobilenet"),
+        ("model.backbone=vgg", r"^model\.backbone='vgg': expected one of resnet10, .*mobilenet"),
         ("train.scale_lr=maybe", r"^train\.scale_lr='maybe': expected true or false$"),
         ("model=resnet18", "model is a section"),
         ("model.classes=a,b", r"model\.classes: 2 names for model\.num_classes=80"),

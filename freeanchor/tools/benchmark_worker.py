@@ -34,7 +34,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # our backbone -> (torchvision ResNet blocks, layers, groups, width per group)
-_PEER_DEPTHS = {"resnet18": ("basic", [2, 2, 2, 2], 1, 64),
+_PEER_DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1], 1, 64),
+                "resnet18": ("basic", [2, 2, 2, 2], 1, 64),
                 "resnet34": ("basic", [3, 4, 6, 3], 1, 64),
                 "resnet50": ("bottleneck", [3, 4, 6, 3], 1, 64),
                 "resnet101": ("bottleneck", [3, 4, 23, 3], 1, 64),

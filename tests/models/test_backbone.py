@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from freeanchor.config import ModelConfig, preset
+from freeanchor.errors import ConfigError
 from freeanchor.models.backbone import build_backbone, load_pretrained_backbone
 from freeanchor.models.detector import FreeAnchor
 from freeanchor.models.weights import to_mmdet_key
@@ -61,6 +62,7 @@ def test_resnext_is_32x4d_pytorch_style():
 @pytest.mark.parametrize(
     "name, channels",
     [
+        ("resnet10", [128, 256, 512]),
         ("resnet18", [128, 256, 512]),
         ("resnet34", [128, 256, 512]),
         ("resnet50", [512, 1024, 2048]),
@@ -78,6 +80,30 @@ def test_outputs_c3_c4_c5(name, channels):
         (1, channels[2], 2, 3),
     ]
     assert not hasattr(backbone, "fc")
+
+
+def test_resnet10_is_torchvision_resnet_with_one_block_per_stage():
+    """resnet10 = torchvision's ResNet(BasicBlock, [1, 1, 1, 1]): same keys, same C3-C5."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    ours = build_backbone(ModelConfig(backbone="resnet10", frozen_stages=0)).eval()
+    peer = ResNet(BasicBlock, [1, 1, 1, 1]).eval()
+    assert all(len(getattr(ours, f"layer{i}")) == 1 for i in range(1, 5))
+    missing, unexpected = peer.load_state_dict(ours.state_dict(), strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        c5 = ours(x)[2]
+        y = peer.maxpool(peer.relu(peer.bn1(peer.conv1(x))))
+        y = peer.layer4(peer.layer3(peer.layer2(peer.layer1(y))))
+    assert torch.allclose(c5, y, atol=1e-5)
+
+
+def test_resnet10_has_no_torchvision_weights():
+    backbone = build_backbone(ModelConfig(backbone="resnet10"))
+    with pytest.raises(ConfigError, match="no ImageNet weights for backbone 'resnet10'"):
+        load_pretrained_backbone(backbone, "torchvision")
 
 
 def _bns(module: nn.Module) -> list[nn.BatchNorm2d]:
