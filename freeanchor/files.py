@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +111,29 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         yield f
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> Path:
+    """Make `dst` hold what `src` holds now: a hard link where the file system has them (no
+    bytes copied, no extra disk), else an atomic copy.
+
+    Sharing the inode is safe because no writer here changes a file in place: rewriting `src`
+    renames a new file over it, and `dst` keeps the old content.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = temp_path_for(dst)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links on this file system (FAT, some network mounts)
+        with atomic_file(dst) as f, open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 1 << 24)
+        return dst
+    try:
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

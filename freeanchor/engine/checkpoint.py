@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import nn
 from freeanchor.checksum import digest, first_non_finite, key_name
 from freeanchor.engine import dist
 from freeanchor.errors import CheckpointError, MissingFileError
-from freeanchor.files import atomic_file
+from freeanchor.files import atomic_file, atomic_link
 
 FORMAT = "freeanchor-train"
 VERSION = 2  # 2: with "checksum" (version 1 files, without one, still load)
@@ -51,11 +50,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """
     with atomic_file(path) as f:
         torch.save(obj, f)
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    with atomic_file(dst) as f, open(src, "rb") as s:
-        shutil.copyfileobj(s, f, 1 << 24)
 
 
 def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
@@ -265,16 +259,18 @@ class CheckpointManager:
     ) -> Path:
         """Write `state` as last.pt; also as epoch_<epoch_done>.pt and/or best.pt.
 
-        The extra files are byte copies of last.pt (serialising once is the slow part).
+        The extra files are hard links to this last.pt (serialising once is the slow part, and
+        a copy costs as much disk again: 143 MB and 0.4 s for the demo's ResNet-18 state, every
+        epoch it improves), copies where links fail.
         The caller checks that `state` is finite (`first_non_finite`) before.
         """
         state = with_checksum({"format": FORMAT, "version": VERSION, **state})
         atomic_save(state, self.last)
         if epoch_done is not None:
-            atomic_copy(self.last, self.epoch_path(epoch_done))
+            atomic_link(self.last, self.epoch_path(epoch_done))
             self.prune()
         if is_best:
-            atomic_copy(self.last, self.best)
+            atomic_link(self.last, self.best)
         return self.last
 
     def epoch_files(self) -> list[Path]:

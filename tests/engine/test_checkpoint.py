@@ -64,6 +64,31 @@ def test_manager_writes_epoch_and_best_copies(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # no temp files left behind
 
 
+def test_epoch_and_best_files_are_links_or_copies(tmp_path, monkeypatch):
+    """Hard links where the file system has them (same inode as last.pt when written, which a
+    later last.pt replaces by rename); byte copies where os.link fails."""
+    base = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "iteration": 0}
+    linked = ck.CheckpointManager(tmp_path / "a")
+    linked.save({**base, "iteration": 5}, epoch_done=1, is_best=True)
+    inode = (tmp_path / "a" / "last.pt").stat().st_ino
+    assert (tmp_path / "a" / "best.pt").stat().st_ino == inode
+    assert (tmp_path / "a" / "epoch_1.pt").stat().st_ino == inode
+    linked.save({**base, "iteration": 9})
+    assert (tmp_path / "a" / "last.pt").stat().st_ino != inode
+    assert ck.load_checkpoint(tmp_path / "a" / "best.pt")["iteration"] == 5
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = ck.CheckpointManager(tmp_path / "b")
+    copied.save({**base, "iteration": 5}, is_best=True)
+    best, last = tmp_path / "b" / "best.pt", tmp_path / "b" / "last.pt"
+    assert best.stat().st_ino != last.stat().st_ino
+    assert best.read_bytes() == last.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["best.pt", "last.pt"]
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ck.atomic_save({"a": torch.ones(2)}, path)
