@@ -55,6 +55,40 @@ def upscale(image: Tensor, min_long_side: int) -> tuple[Tensor, float]:
     return big[0].to(torch.uint8), float(factor)
 
 
+def caption_spot(
+    box: Sequence[float],
+    w: float,
+    h: float,
+    placed: Sequence[tuple[float, float, float, float]],
+    width: int,
+    height: int,
+) -> tuple[float, float, float, float]:
+    """Where a w x h caption of `box` (xyxy) goes: (x1, y1, x2, y2) inside the image.
+
+    Tried in order: above the box's top-left corner, just inside its top edge, below its
+    bottom edge, just inside it; the first spot that covers none of the `placed` captions
+    (better scores, placed before) wins, else the least covered one. Without this, boxes that
+    share a top edge (a shape detected as two classes) hid each other's captions.
+    """
+    x1, y1, _, y2 = box
+    x = min(max(0.0, x1), max(0.0, width - w))
+    fits = [y for y in (y1 - h, y1, y2, y2 - h) if 0 <= y <= height - h]
+    best: tuple[float, tuple[float, float, float, float]] | None = None
+    for y in fits or [max(0.0, min(y1, height - h))]:
+        rect = (x, y, x + w, y + h)
+        covered = sum(_overlap(rect, other) for other in placed)
+        if covered == 0:
+            return rect
+        if best is None or covered < best[0]:
+            best = (covered, rect)
+    return best[1]
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area shared by two xyxy rectangles."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def draw_boxes(
     image: Tensor,
     boxes: Tensor,
@@ -94,14 +128,18 @@ def draw_boxes(
     for (x1, y1, x2, y2), color in reversed(list(zip(scaled, colors, strict=True))):
         draw.rectangle((x1, y1, x2, y2), outline=tuple(color), width=line)
     captions = list(zip(scaled, colors, labels_text or [], strict=False))
-    for (x1, y1, _, _), color, text in reversed(captions):
+    placed: list[tuple[float, float, float, float]] = []  # caption rectangles, best score first
+    sizes = []
+    for box, _, text in captions:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         pad = max(1, (bottom - top) // 5)
         w, h = right - left + 2 * pad, bottom - top + 2 * pad
-        # above the box where there is room, else just inside its top edge; never off-image
-        x = min(max(0.0, x1), max(0.0, width_px - w))
-        y = y1 - h if y1 - h >= 0 else max(0.0, min(y1, height - h))
-        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(color))
+        placed.append(caption_spot(box, w, h, placed, width_px, height))
+        sizes.append((left, top, pad))
+    for (_, color, text), (x, y, x2, y2), (left, top, pad) in reversed(
+        list(zip(captions, placed, sizes, strict=True))
+    ):
+        draw.rectangle((x, y, x2 - 1, y2 - 1), fill=tuple(color))
         draw.text((x + pad - left, y + pad - top), text, fill=text_color(tuple(color)), font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
 

@@ -7,7 +7,7 @@ import torch
 
 import freeanchor.results
 from freeanchor.results import Results
-from freeanchor.viz import class_color, draw_boxes, text_color, upscale
+from freeanchor.viz import caption_spot, class_color, draw_boxes, text_color, upscale
 
 GREY = 128
 
@@ -81,14 +81,35 @@ def test_results_plot_uses_the_class_colours_of_viz():
     assert len({class_color(k) for k in range(80)}) == 80  # one colour per class
 
 
-def test_the_first_box_and_caption_are_on_top():
+def test_the_first_box_is_on_top_and_captions_do_not_hide_each_other():
     box = [40.0, 60.0, 200.0, 200.0]
-    drawn = draw_boxes(_grey(300, 300), torch.tensor([box, box]), ["dog 0.90", "dog 0.40"],
+    drawn = draw_boxes(_grey(300, 300), torch.tensor([box, box]), ["dog 0.90", "cat 0.40"],
                        [class_color(0), class_color(1)], width=3)  # fmt: skip
     assert tuple(drawn[:, 130, 40].tolist()) == class_color(0)  # the shared left edge
-    above = drawn[:, :60, :]  # the captions' band
 
-    def count(color):
-        return int((above == torch.tensor(color, dtype=torch.uint8)[:, None, None]).all(0).sum())
+    def rows(color, y_from, y_to):
+        band = drawn[:, y_from:y_to, :]
+        return int((band == torch.tensor(color, dtype=torch.uint8)[:, None, None]).all(0).sum())
 
-    assert count(class_color(0)) > 100 and count(class_color(1)) == 0  # the worse one hidden
+    # the best caption above the box, the other one just inside its top edge, both whole
+    assert rows(class_color(0), 0, 60) > 100 and rows(class_color(1), 0, 60) == 0
+    assert rows(class_color(1), 63, 100) > 100
+
+
+def test_caption_spots_avoid_earlier_captions_and_stay_inside():
+    placed = []
+    box = (10.0, 50.0, 90.0, 120.0)
+    for _ in range(4):  # the same box 4 times: above, inside top, below, inside bottom
+        placed.append(caption_spot(box, 40, 12, placed, 200, 200))
+    assert [r[1] for r in placed] == [38.0, 50.0, 120.0, 108.0]
+    assert all(_area(a, b) == 0 for i, a in enumerate(placed) for b in placed[i + 1 :])
+    # a fifth finds no free spot: the least covered one, still inside the image
+    fifth = caption_spot(box, 40, 12, placed, 200, 200)
+    assert 0 <= fifth[1] and fifth[3] <= 200
+    # at the image's top and right edges: inside the box, shifted left to fit
+    x1, y1, x2, y2 = caption_spot((180.0, 0.0, 200.0, 30.0), 40, 12, [], 200, 200)
+    assert (x1, y1, x2, y2) == (160.0, 0.0, 200.0, 12.0)
+
+
+def _area(a, b):
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
