@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from freeanchor.engine.logging import read_jsonl
+from freeanchor.eval.report import SCALE_NOTE
 from freeanchor.files import atomic_path
 
 
@@ -33,7 +34,7 @@ def plot_curves(jsonl: str | Path, out_png: str | Path) -> Path | None:
         pts = [(r["epoch"], r[key]) for r in val if key in r]
         if pts:
             ax_ap.plot(*zip(*pts, strict=True), marker="o", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP (COCO, 0-1)", title="validation", ylim=(0, 1))
+    ax_ap.set(xlabel="epoch", ylabel=f"AP {SCALE_NOTE}", title="validation", ylim=(0, 1))
     ax_ap.grid(alpha=0.3)
     if val:
         ax_ap.legend()

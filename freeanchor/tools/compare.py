@@ -103,6 +103,7 @@ def plot_runs(runs: list[dict[str, Any]], out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from freeanchor.engine.logging import read_jsonl
+    from freeanchor.eval.report import SCALE_NOTE
     from freeanchor.files import atomic_path
 
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
@@ -120,7 +121,7 @@ def plot_runs(runs: list[dict[str, Any]], out_png: Path) -> Path:
                         marker="o" if kind == "AP" else None)  # fmt: skip
     ax_loss.set(xlabel="iteration", ylabel="training loss (each its own: scales differ)",
                 title="training loss, every seed")  # fmt: skip
-    ax_ap.set(xlabel="epoch", ylabel="AP", title="validation AP, every seed")
+    ax_ap.set(xlabel="epoch", ylabel=f"AP {SCALE_NOTE}", title="validation AP, every seed")
     for ax in (ax_loss, ax_ap):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
