@@ -44,7 +44,7 @@ from freeanchor.models.zoo import download, first_line
 # name -> (block, blocks per stage, groups, width_per_group). resnet10 (one BasicBlock per stage)
 # has no ImageNet weights: it is for training from scratch, where it learns as fast per step as
 # resnet18 at ~60 % of its cost (the demo, measured 2026-12-07).
-_RESNETS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
+RESNETS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
     "resnet10": (BasicBlock, [1, 1, 1, 1], 1, 64),
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
     "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
@@ -112,7 +112,7 @@ class ResNetBackbone(ResNet):
     channels_last: bool = True
 
     def __init__(self, name: str, frozen_stages: int = 1, norm_eval: bool = True) -> None:
-        block, layers, groups, width = _RESNETS[name]
+        block, layers, groups, width = RESNETS[name]
         super().__init__(block, layers, groups=groups, width_per_group=width)
         del self.avgpool, self.fc
         self.name = name
@@ -218,7 +218,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """The backbone named by `cfg.backbone`, in train mode with `frozen_stages`/`norm_eval`."""
     if cfg.backbone == "mobilenet_v2":
         return MobileNetV2Backbone(cfg.frozen_stages)
-    if cfg.backbone not in _RESNETS:
+    if cfg.backbone not in RESNETS:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}")
     return ResNetBackbone(cfg.backbone, cfg.frozen_stages, cfg.norm_eval)
 

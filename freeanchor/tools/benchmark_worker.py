@@ -33,13 +33,6 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# our backbone -> (torchvision ResNet blocks, layers, groups, width per group)
-_PEER_DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1], 1, 64),
-                "resnet18": ("basic", [2, 2, 2, 2], 1, 64),
-                "resnet34": ("basic", [3, 4, 6, 3], 1, 64),
-                "resnet50": ("bottleneck", [3, 4, 6, 3], 1, 64),
-                "resnet101": ("bottleneck", [3, 4, 23, 3], 1, 64),
-                "resnext101_32x4d": ("bottleneck", [3, 4, 23, 3], 32, 4)}  # fmt: skip
 
 
 def rss_mb(field: str = "VmRSS") -> float | None:
@@ -125,12 +118,12 @@ def _torchvision(a: dict, device: torch.device, fmt: torch.memory_format):
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from freeanchor.config import preset
+    from freeanchor.models.backbone import RESNETS
 
     ours = preset(a["model"]).backbone
-    depth = ours if ours in _PEER_DEPTHS else "resnet50"
+    depth = ours if ours in RESNETS else "resnet50"  # the same torchvision ResNet as ours
     note = "same depth" if depth == ours else f"depth mismatch: ours {ours}, peer {depth}"
-    kind, layers, groups, width = _PEER_DEPTHS[depth]
-    block = resnet.BasicBlock if kind == "basic" else resnet.Bottleneck
+    block, layers, groups, width = RESNETS[depth]
     body = resnet.ResNet(block, layers, groups=groups, width_per_group=width,
                          norm_layer=FrozenBatchNorm2d)  # fmt: skip
     backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4],
